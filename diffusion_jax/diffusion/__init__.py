@@ -1,0 +1,8 @@
+"""The pure diffusion core: schedules, parameterizations, losses, grids, samplers, guidance.
+
+Every function here is pure and jit-able; none reads a config.
+"""
+
+from diffusion_jax.diffusion import grids, guidance, losses, parameterization, samplers, schedules
+
+__all__ = ["grids", "guidance", "losses", "parameterization", "samplers", "schedules"]
