@@ -1,0 +1,9 @@
+"""Datasets and input pipelines.
+
+  shapes       procedural scenes, antialiased renderer, caption grammar and parser (numpy + PIL)
+  shapes_tfds  the TFDS builder `shapes/<res>px_<n>[_max<k>][_seed<s>]` and prepare_shapes()
+  pipeline     InputPipeline: any array_record TFDS dataset through tfds.data_source + grain
+  parallel     ordered map over worker subprocesses (dataset preparation)
+
+Submodules are not imported here: TFDS takes seconds to import and the renderer needs none of it.
+"""

@@ -1,0 +1,269 @@
+"""Input pipeline: any TFDS dataset prepared as array_record, read with tfds.data_source + grain.
+
+    pipeline = InputPipeline("shapes/32px_20k", data_dir=d, split="train", caption_key="caption",
+                             resolution=32, global_batch_size=32, seed=0)
+    batch = next(pipeline)   # {"image": [B, 32, 32, 3] float32 in [-1, 1], "caption": [B] str,
+                             #  "num_objects": [B] int32, "kind": [B] int64}
+    state = pipeline.get_state()   # JSON-serialisable; pipeline.set_state(state) resumes exactly
+
+Per example: the image is resized (antialiased) so its shorter side is `resolution` and
+centre-cropped (``crop="center"``), or, with ``crop="random"``, a `resolution` window is cut at
+the image's own scale (upscaled only if smaller), as Imagen's super-resolution stages train on
+crops; the optional low-resolution conditioning image is an antialiased downsample of that crop.
+
+Determinism: the order is a seeded shuffle (a new permutation per epoch), random crops draw from
+an RNG seeded by (seed, process, element index), so the batches depend only on the arguments
+and the iterator state, not on threads or timing. Multi-host: process p of n reads examples
+p, p + n, ... (disjoint shards) and yields global_batch_size // n of them per batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from diffusion_jax.data import shapes_tfds
+
+CROPS = ("center", "random")
+# PIL's bicubic resize widens its kernel when downsampling, so it is antialiased.
+_RESAMPLE = Image.Resampling.BICUBIC
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+  if name.startswith("shapes/"):
+    return "prepare it with: " + shapes_tfds.prepare_command(data_dir, name.split("/", 1)[1])
+  return (f"prepare it with: tfds build {name} --data_dir={data_dir} --file_format=array_record "
+          "(on a machine that can download its source files)")
+
+
+def open_tfds_source(dataset: str | tfds.core.DatasetBuilder, data_dir: str | None, split: str):
+  """The random-access source of a prepared split, and the dataset's features.
+
+  Returns (source: Sequence of example dicts, features: tfds FeaturesDict, name: str).
+  Raises ValueError / FileNotFoundError with one message saying what is wrong and how to fix it.
+  """
+  if isinstance(dataset, tfds.core.DatasetBuilder):
+    builder = dataset
+    data_dir = str(builder.data_dir_root)
+  else:
+    if data_dir is None:
+      raise ValueError(f"data_dir is required to read {dataset!r}: pass the directory the "
+                       "dataset was prepared in (e.g. ~/tensorflow_datasets).")
+    data_dir = os.path.expanduser(str(data_dir))
+    if not os.path.isdir(data_dir):
+      raise FileNotFoundError(f"data_dir {data_dir!r} does not exist; {dataset!r} cannot have "
+                              f"been prepared there. {_prepare_hint(dataset, data_dir)}")
+    try:
+      builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise ValueError(f"Unknown dataset {dataset!r}: not a registered TFDS dataset. Use "
+                       "'shapes/<resolution>px_<num_train>' (e.g. 'shapes/32px_20k') for the "
+                       "built-in dataset, or a TFDS name such as 'cifar10'.") from None
+    except ValueError as error:  # e.g. an unknown config of a known dataset
+      raise ValueError(f"Cannot use dataset {dataset!r}: {str(error).splitlines()[0]}") from None
+  name = f"{builder.name}/{builder.builder_config.name}" if builder.builder_config else builder.name
+  try:
+    source = builder.as_data_source(split=split)
+  except Exception as error:
+    if not builder.is_prepared():
+      raise FileNotFoundError(f"Dataset {name!r} is not prepared in data_dir {data_dir!r} "
+                              f"(looked in {builder.data_path}); "
+                              f"{_prepare_hint(name, data_dir)}") from None
+    if isinstance(error, NotImplementedError):  # prepared, but not as array_record
+      raise ValueError(f"Dataset {name!r} in {builder.data_path} is not in array_record format, "
+                       f"which random access needs; re-{_prepare_hint(name, data_dir)}") from None
+    if isinstance(error, ValueError) and "split" in str(error).lower():
+      raise ValueError(f"Dataset {name!r}: {str(error).splitlines()[0]}") from None
+    raise
+  return source, builder.info.features, name
+
+
+def _is_numeric_scalar(feature) -> bool:
+  return tuple(feature.shape) == () and np.dtype(feature.np_dtype).kind in "biuf"
+
+
+def _to_str(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+  """Antialiased resize of uint8 [H, W, 3] so that min(H, W) == size."""
+  height, width = image.shape[:2]
+  if min(height, width) == size:
+    return image
+  scale = size / min(height, width)
+  new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+  return np.asarray(Image.fromarray(image).resize(new_size, _RESAMPLE))
+
+
+def downsample(image: np.ndarray, size: int) -> np.ndarray:
+  """Antialiased resize of uint8 [H, W, 3] to [size, size, 3]."""
+  return np.asarray(Image.fromarray(image).resize((size, size), _RESAMPLE))
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] -> float32 in [-1, 1]."""
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+class InputPipeline:
+  """Batches of a TFDS split for one process; an iterator with get_state / set_state.
+
+  Yields dicts of numpy arrays (B = global_batch_size // process_count):
+    "image":   float32 [B, resolution, resolution, 3] in [-1, 1]
+    "lowres":  float32 [B, lowres_resolution, lowres_resolution, 3] in [-1, 1], if requested
+    "caption": object [B] of python str (the caption feature, or caption_template with {label})
+    plus the passthrough features (default: every numeric scalar feature, e.g. "label").
+  """
+
+  def __init__(self, dataset: str | tfds.core.DatasetBuilder, *, data_dir: str | None = None,
+               split: str = "train", image_key: str = "image", caption_key: str | None = None,
+               label_key: str | None = None, caption_template: str = "a photo of a {label}",
+               resolution: int, lowres_resolution: int | None = None, crop: str = "center",
+               global_batch_size: int, seed: int = 0, shuffle: bool = True,
+               num_epochs: int | None = None, drop_remainder: bool = True,
+               process_index: int | None = None, process_count: int | None = None,
+               passthrough_keys: Sequence[str] | None = None, num_threads: int = 4,
+               prefetch_buffer_size: int = 256):
+    if process_index is None or process_count is None:
+      import jax  # only when needed: the data code itself does not use JAX
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+      raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                       f"process_count {process_count} (each process reads an equal share).")
+    if crop not in CROPS:
+      raise ValueError(f"crop must be one of {CROPS}, got {crop!r}.")
+    if resolution <= 0 or (lowres_resolution is not None
+                           and not 0 < lowres_resolution <= resolution):
+      raise ValueError(f"need resolution > 0 and 0 < lowres_resolution <= resolution, got "
+                       f"{resolution} and {lowres_resolution}.")
+    if (caption_key is None) == (label_key is None):
+      raise ValueError("Pass exactly one of caption_key (a text feature) or label_key (a class "
+                       "label, captioned with caption_template).")
+
+    source, features, self.name = open_tfds_source(dataset, data_dir, split)
+    available = ", ".join(sorted(features.keys()))
+    for role, key in (("image_key", image_key), ("caption_key", caption_key),
+                      ("label_key", label_key)):
+      if key is not None and key not in features:
+        raise ValueError(f"{role}={key!r} is not a feature of {self.name!r}; its features are: "
+                         f"{available}.")
+    if label_key is not None:
+      names = getattr(features[label_key], "names", None)
+      self._label_names = list(names) if names else None
+      if "{label}" not in caption_template:
+        raise ValueError(f"caption_template {caption_template!r} must contain '{{label}}'.")
+    if passthrough_keys is None:
+      passthrough_keys = [k for k in features.keys() if k not in (image_key, caption_key)
+                          and _is_numeric_scalar(features[k])]
+    for key in passthrough_keys:
+      if key not in features:
+        raise ValueError(f"passthrough key {key!r} is not a feature of {self.name!r}; its "
+                         f"features are: {available}.")
+    if len(source) == 0:
+      raise ValueError(f"Split {split!r} of {self.name!r} is empty.")
+
+    self._image_key, self._caption_key, self._label_key = image_key, caption_key, label_key
+    self._caption_template = caption_template
+    self._resolution, self._lowres_resolution, self._crop = resolution, lowres_resolution, crop
+    self._passthrough_dtypes = {k: np.dtype(features[k].np_dtype) for k in passthrough_keys}
+    self.batch_size = global_batch_size // process_count
+    self.num_examples = len(range(process_index, len(source), process_count))
+    # Identifies the stream of batches, so a state is never restored into a different one.
+    self._fingerprint = {
+        "dataset": self.name, "split": split, "seed": seed, "shuffle": shuffle,
+        "global_batch_size": global_batch_size, "process_index": process_index,
+        "process_count": process_count, "num_epochs": num_epochs, "resolution": resolution,
+        "lowres_resolution": lowres_resolution, "crop": crop}
+
+    dataset = grain.MapDataset.source(source)[process_index::process_count]
+    if shuffle:
+      dataset = dataset.shuffle(seed=seed)
+    if num_epochs != 1:
+      dataset = dataset.repeat(num_epochs)  # a shuffled dataset reshuffles every epoch
+    crop_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+    dataset = dataset.random_map(self._preprocess, seed=crop_seed)
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+    dataset = dataset.batch(self.batch_size, drop_remainder=drop_remainder,
+                            batch_fn=self._stack)
+    self._iterator = iter(dataset)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Full batches per epoch for this process."""
+    return self.num_examples // self.batch_size
+
+  def _preprocess(self, example: dict, rng: np.random.Generator) -> dict:
+    image = np.asarray(example[self._image_key])
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    elif image.shape[-1] == 4:
+      image = image[..., :3]
+    if image.dtype != np.uint8:
+      raise ValueError(f"{self.name}: expected uint8 images, got {image.dtype}.")
+    size = self._resolution
+    if self._crop == "center":
+      image = resize_shorter_side(image, size)
+      top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    else:
+      if min(image.shape[:2]) < size:
+        image = resize_shorter_side(image, size)
+      top = int(rng.integers(image.shape[0] - size + 1))
+      left = int(rng.integers(image.shape[1] - size + 1))
+    image = image[top:top + size, left:left + size]
+    out = {"image": to_unit_range(image)}
+    if self._lowres_resolution is not None:
+      out["lowres"] = to_unit_range(downsample(image, self._lowres_resolution))
+    if self._caption_key is not None:
+      out["caption"] = _to_str(example[self._caption_key])
+    else:
+      label = int(example[self._label_key])
+      label_name = self._label_names[label] if self._label_names else str(label)
+      out["caption"] = self._caption_template.format(label=label_name.replace("_", " "))
+    for key, dtype in self._passthrough_dtypes.items():
+      value = example[key]
+      out[key] = _to_str(value) if dtype.kind in "OSU" else np.asarray(value, dtype)
+    return out
+
+  @staticmethod
+  def _stack(examples: Sequence[dict]) -> dict:
+    batch = {}
+    for key, value in examples[0].items():
+      values = [example[key] for example in examples]
+      if isinstance(value, str):
+        batch[key] = np.array(values, dtype=object)
+      else:
+        batch[key] = np.stack(values)
+    return batch
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    """JSON-serialisable position in the stream of batches."""
+    return {"grain": self._iterator.get_state(), "pipeline": dict(self._fingerprint)}
+
+  def set_state(self, state: dict) -> None:
+    """Resumes at `state` (from get_state of a pipeline built with the same arguments)."""
+    saved = state.get("pipeline", {})
+    mismatched = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
+    if mismatched:
+      details = ", ".join(f"{k}: saved {s!r} vs now {n!r}" for k, (s, n) in mismatched.items())
+      raise ValueError(f"Cannot restore the input pipeline: the saved state belongs to a "
+                       f"different stream of batches ({details}).")
+    self._iterator.set_state(state["grain"])
+

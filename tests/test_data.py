@@ -1,0 +1,271 @@
+"""Shapes dataset (renderer, grammar, TFDS builder) and the TFDS + grain input pipeline."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from diffusion_jax.data import parallel, shapes, shapes_tfds
+from diffusion_jax.data.pipeline import InputPipeline
+
+NUM_TRAIN = 64  # + 16 validation + 16 test_compositional
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  name = shapes_tfds.prepare_shapes(str(data_dir), resolution=32, num_train=NUM_TRAIN, seed=0)
+  assert name == "shapes/32px_64"
+  return str(data_dir)
+
+
+def _pipeline(data_dir, **kwargs):
+  args = dict(data_dir=data_dir, split="train", caption_key="caption", resolution=32,
+              global_batch_size=8, seed=0, process_index=0, process_count=1, num_threads=2)
+  args.update(kwargs)
+  return InputPipeline("shapes/32px_64", **args)
+
+
+def _scenes(split, count, seed=0):
+  return [shapes.sample_scene(shapes.example_rng(seed, split, i),
+                              held_out=split == "test_compositional") for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Renderer and grammar
+
+
+def test_same_seed_same_examples():
+  for index in range(20):
+    scene_a, caption_a, image_a = shapes.make_example(3, "train", index, 32)
+    scene_b, caption_b, image_b = shapes.make_example(3, "train", index, 32)
+    assert scene_a == scene_b and caption_a == caption_b
+    np.testing.assert_array_equal(image_a, image_b)
+  captions = [shapes.make_example(seed, "train", 0, 32)[1] for seed in range(8)]
+  assert len(set(captions)) > 1, "different seeds should give different examples"
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_held_out_pairs_never_in_train_or_validation(split):
+  seen = set()
+  for scene in _scenes(split, 3000):
+    pairs = {(o.color, o.shape) for o in scene.objects}
+    assert not pairs & shapes.HELD_OUT_PAIRS
+    seen |= pairs
+  # Everything else does occur, so each colour and shape is learnable.
+  all_pairs = {(c, s) for c in shapes.COLORS for s in shapes.SHAPES}
+  assert seen == all_pairs - shapes.HELD_OUT_PAIRS
+
+
+def test_test_compositional_scenes_hold_a_held_out_pair():
+  scenes = _scenes("test_compositional", 500)
+  assert all(shapes.has_held_out_pair(s) for s in scenes)
+  assert {(o.color, o.shape) for s in scenes for o in s.objects} >= shapes.HELD_OUT_PAIRS
+
+
+@pytest.mark.parametrize("split", shapes.SPLITS)
+def test_captions_parse_back_to_their_spec(split):
+  kinds = collections.Counter()
+  for index in range(400):
+    scene, caption, _ = shapes.make_example(0, split, index, 16)
+    assert shapes.parse_caption(caption) == scene.spec, caption
+    kinds[scene.spec["kind"]] += 1
+    # The spec is true of the scene: same colour x shape multiset.
+    objects = collections.Counter((o.color, o.shape) for o in scene.objects)
+    groups = collections.Counter({(g["color"], g["shape"]): g["count"]
+                                  for g in scene.spec["groups"]})
+    assert objects == groups, caption
+    assert 1 <= len(scene.objects) <= 3
+  assert set(kinds) == set(shapes.KINDS)
+  assert kinds["single"] > 150, "one-object scenes must dominate the default mix"
+
+
+def test_parse_caption_examples_and_errors():
+  assert shapes.parse_caption("There are two red crosses") == {
+      "kind": "count", "relation": None, "position": None,
+      "groups": [{"color": "red", "shape": "cross", "count": 2, "size": None}]}
+  spec = shapes.parse_caption("a small blue star to the left of an orange circle")
+  assert spec["relation"] == "left_of" and spec["groups"][0]["size"] == "small"
+  assert shapes.parse_caption("a green square at the top")["position"] == "top"
+  with pytest.raises(ValueError, match="cannot parse"):
+    shapes.parse_caption("a dog on a skateboard")
+
+
+def test_relations_hold_in_the_geometry():
+  checked = 0
+  for scene in _scenes("train", 600):
+    if scene.spec["relation"] is None:
+      continue
+    a, b = scene.objects
+    relation = scene.spec["relation"]
+    assert {"left_of": a.x < b.x, "right_of": a.x > b.x, "above": a.y < b.y,
+            "below": a.y > b.y}[relation]
+    checked += 1
+  assert checked > 50
+
+
+def test_single_object_only_config():
+  rng = np.random.default_rng(0)
+  scenes = [shapes.sample_scene(rng, max_objects=1) for _ in range(100)]
+  assert all(len(s.objects) == 1 for s in scenes)
+
+
+@pytest.mark.parametrize("high,low", [(64, 32), (32, 16)])
+def test_rendering_is_resolution_independent(high, low):
+  factor = high // low
+  errors = []
+  for scene in _scenes("train", 30):
+    image_high = shapes.render(scene, high).astype(np.float32)
+    pooled = image_high.reshape(low, factor, low, factor, 3).mean(axis=(1, 3))
+    errors.append(np.abs(pooled - shapes.render(scene, low)).mean())
+  # Mean error in [0, 255] units: small and only along edges.
+  assert np.mean(errors) < 1.5 and np.max(errors) < 4.0, errors
+
+
+def test_render_background_and_colours():
+  scene, _, image = shapes.make_example(0, "train", 0, 32)
+  assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+  np.testing.assert_array_equal(image[0, 0], scene.background)  # corners stay background
+  assert min(scene.background) > 220  # light background
+  assert shapes.Scene.from_json(scene.to_json()) == scene
+
+
+def test_parallel_preparation_matches_serial():
+  tasks = [(0, "train", start, start + 3, 16, 3) for start in (0, 3, 6)]
+  serial = [shapes.encode_examples(task) for task in tasks]
+  assert list(parallel.ordered_map(shapes.encode_examples, tasks, num_workers=2)) == serial
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS builder
+
+
+def test_config_names():
+  assert shapes_tfds.config_name(32, 20_000) == "32px_20k"
+  config = shapes_tfds.config_from_name("64px_500_max1_seed7")
+  assert (config.resolution, config.num_train, config.max_objects, config.seed) == (64, 500, 1, 7)
+  with pytest.raises(ValueError, match="does not match"):
+    shapes_tfds.config_from_name("32px")
+
+
+def test_prepared_dataset(shapes_dir):
+  sources = tfds.data_source("shapes/32px_64", data_dir=shapes_dir, download=False)
+  assert {k: len(v) for k, v in sources.items()} == {
+      "train": NUM_TRAIN, "validation": 16, "test_compositional": 16}
+  example = sources["train"][0]
+  assert example["image"].shape == (32, 32, 3) and example["image"].dtype == np.uint8
+  attributes = json.loads(example["attributes"])
+  assert shapes.parse_caption(example["caption"].decode()) == attributes["spec"]
+  assert example["num_objects"] == len(attributes["objects"])
+  for record in sources["train"]:
+    assert not json.loads(record["attributes"])["held_out"]
+  # Idempotent: a second call leaves the prepared data alone.
+  assert shapes_tfds.prepare_shapes(shapes_dir, 32, NUM_TRAIN) == "shapes/32px_64"
+
+
+def test_preparation_is_deterministic(shapes_dir, tmp_path):
+  shapes_tfds.prepare_shapes(str(tmp_path), resolution=32, num_train=NUM_TRAIN, seed=0)
+  first = tfds.data_source("shapes/32px_64", data_dir=shapes_dir, split="validation")
+  second = tfds.data_source("shapes/32px_64", data_dir=str(tmp_path), split="validation")
+  for a, b in zip(first, second, strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert a["caption"] == b["caption"] and a["attributes"] == b["attributes"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Input pipeline
+
+
+def test_batch_format(shapes_dir):
+  pipeline = _pipeline(shapes_dir, lowres_resolution=16)
+  batch = next(pipeline)
+  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert batch["lowres"].shape == (8, 16, 16, 3) and batch["lowres"].dtype == np.float32
+  assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  assert batch["caption"].shape == (8,) and all(isinstance(c, str) for c in batch["caption"])
+  assert batch["num_objects"].dtype == np.int32 and batch["kind"].shape == (8,)
+  # lowres is the downsampled image: compare with a 2x2 average.
+  pooled = batch["image"].reshape(8, 16, 2, 16, 2, 3).mean(axis=(2, 4))
+  assert np.abs(pooled - batch["lowres"]).mean() < 0.05
+  assert pipeline.steps_per_epoch == NUM_TRAIN // 8
+
+
+def test_random_crop_and_resize(shapes_dir):
+  batch = next(_pipeline(shapes_dir, resolution=16, lowres_resolution=8, crop="random"))
+  assert batch["image"].shape == (8, 16, 16, 3) and batch["lowres"].shape == (8, 8, 8, 3)
+  batch = next(_pipeline(shapes_dir, resolution=16, crop="center"))
+  assert batch["image"].shape == (8, 16, 16, 3)
+
+
+def test_restore_state_mid_epoch(shapes_dir):
+  pipeline = _pipeline(shapes_dir, crop="random", resolution=24, lowres_resolution=12)
+  for _ in range(3):
+    next(pipeline)
+  state = json.loads(json.dumps(pipeline.get_state()))  # survives a JSON round trip
+  expected = [next(pipeline) for _ in range(9)]  # crosses the epoch boundary (8 steps/epoch)
+  restored = _pipeline(shapes_dir, crop="random", resolution=24, lowres_resolution=12)
+  restored.set_state(state)
+  for want in expected:
+    got = next(restored)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  with pytest.raises(ValueError, match="different stream"):
+    _pipeline(shapes_dir, seed=1).set_state(state)
+
+
+def test_epochs_are_reshuffled_and_complete(shapes_dir):
+  pipeline = _pipeline(shapes_dir, passthrough_keys=["attributes"], num_epochs=2)
+  epochs = [[a for _ in range(8) for a in next(pipeline)["attributes"]] for _ in range(2)]
+  assert len(set(epochs[0])) == NUM_TRAIN and set(epochs[0]) == set(epochs[1])
+  assert epochs[0] != epochs[1]
+  with pytest.raises(StopIteration):
+    next(pipeline)
+
+
+def test_processes_read_disjoint_shards(shapes_dir):
+  seen = []
+  for index in range(2):
+    pipeline = _pipeline(shapes_dir, global_batch_size=8, process_index=index, process_count=2,
+                         passthrough_keys=["attributes"], num_epochs=1)
+    batches = list(pipeline)
+    assert all(b["image"].shape[0] == 4 for b in batches)
+    seen.append({a for b in batches for a in b["attributes"]})
+  assert not seen[0] & seen[1]
+  assert len(seen[0] | seen[1]) == NUM_TRAIN
+
+
+def test_generic_tfds_dataset_with_label_template(tmp_path):
+  """cifar10 through tfds.testing.mock_data: a label key + caption template, no TensorFlow."""
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    pipeline = InputPipeline("cifar10", data_dir=str(tmp_path), split="train", label_key="label",
+                             caption_template="a photo of a {label}", resolution=16,
+                             lowres_resolution=8, global_batch_size=4, process_index=0,
+                             process_count=1, num_threads=1)
+    batch = next(pipeline)
+  assert batch["image"].shape == (4, 16, 16, 3) and batch["lowres"].shape == (4, 8, 8, 3)
+  assert all(c.startswith("a photo of a ") for c in batch["caption"])
+  assert batch["label"].shape == (4,)
+
+
+def test_bad_inputs(shapes_dir, tmp_path):
+  with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset'"):
+    InputPipeline("no_such_dataset", data_dir=shapes_dir, caption_key="caption", resolution=32,
+                  global_batch_size=8, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="data_dir is required"):
+    _pipeline(None)
+  with pytest.raises(FileNotFoundError, match="does not exist.*shapes_tfds --data_dir"):
+    _pipeline(str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError, match="not prepared.*--config=32px_64"):
+    _pipeline(str(tmp_path))
+  with pytest.raises(ValueError, match="image_key='img' is not a feature.*attributes, caption"):
+    _pipeline(shapes_dir, image_key="img")
+  with pytest.raises(ValueError, match="caption_key='text' is not a feature"):
+    _pipeline(shapes_dir, caption_key="text")
+  with pytest.raises(ValueError, match="exactly one of caption_key"):
+    _pipeline(shapes_dir, caption_key=None)
+  with pytest.raises(ValueError, match="multiple of process_count 3"):
+    _pipeline(shapes_dir, process_count=3)
+  with pytest.raises(ValueError, match="Unknown split"):
+    _pipeline(shapes_dir, split="test")
