@@ -1,0 +1,270 @@
+"""Reading Hugging Face model directories into Flax parameter trees, shard by shard.
+
+Shared by every pretrained text encoder family (T5 now, BERT later): a family says how to
+build its Flax module from ``config.json`` and where each of its parameters comes from in
+the PyTorch state dict (``EncoderFamily``); this module finds the files, reads the
+safetensors lazily, checks every shape and places each tensor straight onto its target
+``NamedSharding``.
+
+A usable checkpoint directory holds::
+
+  config.json                           architecture ("model_type" picks the family)
+  model.safetensors                     or: model.safetensors.index.json + its shards
+  tokenizer.json (+ tokenizer_config.json, special_tokens_map.json), or spiece.model
+
+Pickled PyTorch weights (``pytorch_model.bin``) are refused: unpickling runs arbitrary code
+and would make torch a runtime dependency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "spiece.model", "vocab.txt")
+# Hub ids are "name" or "org/name"; anything else is taken to be a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where one Flax parameter comes from: the first present of ``names``, then ``transform``.
+
+  ``transform`` maps the PyTorch layout to ours (e.g. a Linear weight [out, in] to a
+  kernel [in, out]); it must only transpose / reshape, so it stays a lazy view of the file.
+  """
+  names: tuple[str, ...]
+  transform: Transform = lambda x: x
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderFamily:
+  """One architecture family of pretrained text encoders, keyed by config.json's model_type.
+
+  config_from_hf: config.json dict -> the family's frozen config dataclass.
+  make_module:    (config, compute dtype) -> a Flax module with
+                  ``__call__(tokens [B, L] int32, mask [B, L] bool) -> [B, L, D]``.
+  param_sources:  config -> {flattened param path: Source}, covering every parameter.
+  width:          config -> D, the width of the token embeddings.
+  """
+  name: str
+  config_from_hf: Callable[[Mapping[str, Any]], Any]
+  make_module: Callable[[Any, Any], nn.Module]
+  param_sources: Callable[[Any], Mapping[tuple[str, ...], Source]]
+  width: Callable[[Any], int]
+
+
+def resolve_directory(path_or_id: str | os.PathLike) -> pathlib.Path:
+  """A local directory for ``path_or_id``: a path, or a hub id looked up in the HF cache.
+
+  Hub ids resolve with ``huggingface_hub.snapshot_download``, from the local cache first and
+  from the hub unless ``HF_HUB_OFFLINE=1``. Raises FileNotFoundError naming what is missing
+  and where it was looked for.
+  """
+  text = os.fspath(path_or_id)
+  path = pathlib.Path(text).expanduser()
+  if path.is_dir():
+    return path
+  if path.exists():
+    raise NotADirectoryError(f"{text} is a file; expected a Hugging Face model directory "
+                             f"(with {CONFIG_NAME} and {WEIGHTS_NAME}).")
+  if not _HUB_ID.match(text) or text.startswith((".", "~")):
+    raise FileNotFoundError(f"Text encoder directory {text} does not exist.")
+  import huggingface_hub  # Deferred: only hub ids need it.
+  from huggingface_hub import constants
+  patterns = ["*.json", "*.safetensors", "spiece.model", "vocab.txt"]
+  try:
+    return pathlib.Path(huggingface_hub.snapshot_download(
+        text, allow_patterns=patterns, local_files_only=True))
+  except Exception:  # Not cached; maybe downloadable.
+    pass
+  if constants.HF_HUB_OFFLINE:
+    reason = "HF_HUB_OFFLINE is set"
+  else:
+    try:
+      return pathlib.Path(huggingface_hub.snapshot_download(text, allow_patterns=patterns))
+    except Exception as e:  # No network, unknown or gated repo...
+      reason = f"downloading it failed ({type(e).__name__})"
+  raise FileNotFoundError(
+      f"Text encoder {text!r} is neither a local directory ({path.resolve()}) nor in the "
+      f"Hugging Face cache ({constants.HF_HUB_CACHE}), and {reason}. Missing: "
+      f"{CONFIG_NAME}, {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) and the tokenizer files. "
+      "Download it on a machine with network access (e.g. "
+      f"`hf download {text}`) and pass the directory, or copy the cache.")
+
+
+def read_config(directory: pathlib.Path) -> dict[str, Any]:
+  """config.json of a model directory as a dict."""
+  path = directory / CONFIG_NAME
+  if not path.is_file():
+    raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a Hugging Face model "
+                            "directory (saved with save_pretrained)?")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
+  """The safetensors files of a directory (one file, or the shards of an index)."""
+  single, index = directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME
+  if single.is_file():
+    return [single]
+  if index.is_file():
+    weight_map = json.loads(index.read_text()).get("weight_map", {})
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (directory / s).is_file()]
+    if missing:
+      raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}.")
+    return [directory / s for s in shards]
+  pickles = [n for n in PICKLE_NAMES if (directory / n).is_file()]
+  if pickles:
+    raise ValueError(
+        f"{directory} has only PyTorch pickle weights ({pickles[0]}); they are not loaded "
+        "because unpickling can run arbitrary code. Convert them once to safetensors, e.g. "
+        "`transformers.T5EncoderModel.from_pretrained(d).save_pretrained(d)` (which writes "
+        f"{WEIGHTS_NAME}), or download the repo's safetensors files.")
+  raise FileNotFoundError(f"{directory} has no weights: expected {WEIGHTS_NAME} or "
+                          f"{WEIGHTS_INDEX_NAME} (with its shards).")
+
+
+# safetensors dtype tags -> numpy. The safetensors package's numpy reader lacks BF16, which
+# many published checkpoints use; ml_dtypes (a jax dependency) provides it.
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _read_header(path: pathlib.Path) -> tuple[int, dict[str, Any]]:
+  with open(path, "rb") as f:
+    (size,) = struct.unpack("<Q", f.read(8))
+    if size > 100_000_000:
+      raise ValueError(f"{path} is not a safetensors file (header size {size}).")
+    header = json.loads(f.read(size))
+  header.pop("__metadata__", None)
+  return 8 + size, header
+
+
+class SafetensorsReader(Mapping[str, np.ndarray]):
+  """Lazy read-only view of the tensors in one or more safetensors files.
+
+  Each tensor is an ``np.memmap`` slice of its file (format: 8-byte little-endian header
+  length, JSON header with dtype / shape / byte offsets, raw data), so transposing it and
+  then taking one device's shard reads only that shard's bytes from disk.
+  """
+
+  def __init__(self, files: Sequence[pathlib.Path]):
+    self._entries: dict[str, tuple[pathlib.Path, int, dict[str, Any]]] = {}
+    for path in files:
+      start, header = _read_header(path)
+      for name, info in header.items():
+        self._entries[name] = (path, start, info)
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    path, start, info = self._entries[name]
+    if info["dtype"] not in _DTYPES:
+      raise ValueError(f"{name} in {path} has unsupported dtype {info['dtype']}.")
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    dtype = np.dtype(_DTYPES[info["dtype"]])
+    if end - begin != int(np.prod(shape)) * dtype.itemsize:
+      raise ValueError(f"{name} in {path}: byte range does not match shape {shape}.")
+    if not shape or end == begin:
+      return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._entries[name][2]["shape"])
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._entries)
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+
+def fingerprint(directory: pathlib.Path) -> str:
+  """A short hash identifying a checkpoint's config, tokenizer and weights, for cache keys.
+
+  Hashes config.json and tokenizer files whole, and of each weight file its size, header
+  (names, shapes, dtypes) and three 64 KiB samples of the data: multi-GB files are not read
+  in full, yet a retrained checkpoint saved to the same path gets a new id.
+  """
+  h = hashlib.sha256()
+  for name in (CONFIG_NAME,) + TOKENIZER_NAMES:
+    if (directory / name).is_file():
+      h.update(name.encode() + b"\0" + (directory / name).read_bytes())
+  for path in weight_files(directory):
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+      for offset in (0, size // 2, max(size - 65536, 0)):
+        f.seek(offset)
+        h.update(f.read(65536))
+  return h.hexdigest()[:16]
+
+
+def load_params(sources: Mapping[tuple[str, ...], Source], abstract_params: Any,
+                reader: Mapping[str, np.ndarray], shardings: Any = None,
+                where: str = "checkpoint") -> Any:
+  """Builds the parameter tree ``abstract_params`` describes from checkpoint tensors.
+
+  Args:
+    sources: flattened param path -> Source (from the family's ``param_sources``).
+    abstract_params: unboxed tree of ShapeDtypeStructs (``jax.eval_shape`` of init).
+    reader: tensor name -> array (e.g. a SafetensorsReader).
+    shardings: None (default device) or a tree of NamedShardings like abstract_params;
+      each leaf is then assembled shard by shard with ``jax.make_array_from_callback``,
+      so no device (and, multi-host, no process) holds more than its slice.
+    where: the checkpoint's location, for error messages.
+  Returns the tree of jax Arrays (dtype of the abstract leaves, float32 for our models).
+  Raises ValueError listing missing tensors or every tensor whose shape does not match.
+  """
+  flat_abstract = traverse_util.flatten_dict(abstract_params)
+  flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+  problems, arrays = [], {}
+  for path, leaf in flat_abstract.items():
+    source = sources[path]  # A KeyError here is a bug in the family's param_sources.
+    name = next((n for n in source.names if n in reader), None)
+    if name is None:
+      problems.append(f"missing tensor {' or '.join(source.names)}")
+      continue
+    array = source.transform(reader[name])
+    if array.shape != leaf.shape:
+      problems.append(f"{name} has shape {tuple(reader[name].shape)} but config.json implies "
+                      f"{leaf.shape} (our layout, {'/'.join(path)})")
+      continue
+    arrays[path] = (array, leaf.dtype)
+  if problems:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise ValueError(f"{where} does not match its config.json: " + "; ".join(problems[:3])
+                     + more + ". Is config.json from the same model as the weights?")
+  placed = {}
+  for path, (array, dtype) in arrays.items():
+    if path in flat_shardings:
+      placed[path] = jax.make_array_from_callback(
+          array.shape, flat_shardings[path],
+          lambda index, a=array, d=dtype: np.asarray(a[index], dtype=d))
+    else:
+      placed[path] = jax.device_put(np.asarray(array, dtype=dtype))
+  return traverse_util.unflatten_dict(placed)
