@@ -1,0 +1,38 @@
+r"""Demo base stage: text -> 32 px shapes on CPU in minutes (~1.7M-param U-Net).
+
+  python experiments/train.py --config=configs/demo_base.py --workdir=runs/demo/base
+
+`--config=configs/demo_base.py:smoke` shrinks it to a few steps (tests, laptops).
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.get_config()
+  c.model.preset = "demo_base"
+  c.diffusion.schedule_kwargs.resolution = 32
+  c.diffusion.schedule_kwargs.base_resolution = 32
+  c.data.resolution = 32
+  c.data.shapes_num_train = 20_000
+  c.data.shapes_max_objects = 1
+  c.text.cache_dir = "data/text_cache"
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.weight_decay = 0.0
+  c.train.batch_size = 32
+  c.train.num_steps = 3000
+  c.train.time_budget_s = 480.0
+  c.train.ema_decay = 0.995
+  c.train.log_every = 50
+  c.train.checkpoint_every = 250
+  c.train.preview_every = 500
+  if arg == "smoke":
+    c.data.shapes_num_train = 256
+    c.train.batch_size = 8
+    c.train.num_steps = 2
+    c.train.time_budget_s = None
+    c.train.log_every = 1
+    c.train.preview_every = 2
+    c.train.preview_steps = 3
+  return c

@@ -1,0 +1,55 @@
+"""Image utilities: [-1, 1] float arrays <-> uint8, captioned PNG grids."""
+
+from __future__ import annotations
+
+import pathlib
+import textwrap
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[..., H, W, C] floats in [-1, 1] -> uint8 in [0, 255] (values outside are clipped)."""
+  images = np.asarray(images, np.float32)
+  return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, captions: list[str] | None = None, columns: int = 4,
+              scale: int = 1, pad: int = 2) -> np.ndarray:
+  """Tiles images [N, H, W, 3] (floats in [-1, 1] or uint8) into one uint8 [H', W', 3]
+  image, with each caption wrapped under its tile."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = to_uint8(images)
+  n, h, w, _ = images.shape
+  if scale > 1:
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+  columns = max(1, min(columns, n))
+  rows = -(-n // columns)
+  font = ImageFont.load_default()
+  chars = max(8, w // 6)
+  wrapped = [textwrap.wrap(c, chars)[:4] for c in captions] if captions else None
+  text_h = 12 * max((len(lines) for lines in wrapped), default=0) if wrapped else 0
+  cell_h, cell_w = h + text_h + pad, w + pad
+  canvas = Image.new("RGB", (columns * cell_w + pad, rows * cell_h + pad), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i in range(n):
+    r, c = divmod(i, columns)
+    x, y = pad + c * cell_w, pad + r * cell_h
+    canvas.paste(Image.fromarray(images[i]), (x, y))
+    if wrapped:
+      for j, line in enumerate(wrapped[i]):
+        draw.text((x, y + h + 1 + 12 * j), line, fill="black", font=font)
+  return np.asarray(canvas)
+
+
+def save_png(image_uint8: np.ndarray, path: str | pathlib.Path) -> pathlib.Path:
+  """Writes an image atomically (temp file + rename), so a crash never leaves half a PNG."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  Image.fromarray(np.asarray(image_uint8)).save(tmp, format="PNG")
+  tmp.replace(path)
+  return path

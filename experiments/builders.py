@@ -1,0 +1,382 @@
+"""Config -> library objects, shared by the experiment scripts.
+
+Library code never reads a ConfigDict; this module is where a config becomes keyword
+arguments and frozen dataclasses. Every check here runs before anything compiles, and
+raises ConfigError with one line saying what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import ml_collections
+
+from diffusion_jax import sharding
+from diffusion_jax import text as text_lib
+from diffusion_jax.diffusion import schedules
+from diffusion_jax.models import unet as unet_lib
+from diffusion_jax.training import loop as loop_lib
+from diffusion_jax.training import state as state_lib
+from diffusion_jax.training import step as step_lib
+
+
+class UserError(Exception):
+  """Something the user can fix (config, missing data or checkpoint); one-line message."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value is wrong; the message says which and how to fix it."""
+
+
+RULES = {"fsdp": sharding.FSDP_RULES, "data_parallel": sharding.DATA_PARALLEL_RULES}
+
+
+def _wrap(what: str, fn, *args, **kwargs):
+  try:
+    return fn(*args, **kwargs)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{what}: {e}") from None
+
+
+def unet_config(config: ml_collections.ConfigDict) -> unet_lib.UNetConfig:
+  m = config.model
+  if m.preset not in unet_lib.PRESETS:
+    raise ConfigError(f"config.model.preset={m.preset!r} is not a U-Net preset; choose one "
+                      f"of {', '.join(unet_lib.PRESETS)}.")
+  if m.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.dtype={m.dtype!r}; use float32 or bfloat16.")
+  cfg = dataclasses.replace(unet_lib.PRESETS[m.preset], dtype=m.dtype, remat=m.remat,
+                            dropout=m.dropout)
+  res = config.data.resolution
+  factor = 2 ** (len(cfg.levels) - 1)
+  if res % factor:
+    raise ConfigError(f"config.data.resolution={res} must divide by {factor} for preset "
+                      f"{m.preset!r} ({len(cfg.levels)} levels).")
+  low = config.data.lowres_resolution
+  if cfg.super_resolution and low is None:
+    raise ConfigError(f"preset {m.preset!r} is a super-resolution stage: set "
+                      "config.data.lowres_resolution (and config.diffusion.lowres_schedule).")
+  if not cfg.super_resolution and low is not None:
+    raise ConfigError(f"preset {m.preset!r} is a base stage; unset "
+                      "config.data.lowres_resolution or pick a super-resolution preset.")
+  return dataclasses.replace(cfg, resolution=res, lowres_resolution=low)
+
+
+def diffusion_settings(config: ml_collections.ConfigDict) -> step_lib.DiffusionSettings:
+  d = config.diffusion
+  schedule = _wrap("config.diffusion.schedule", schedules.get, d.schedule,
+                   **d.schedule_kwargs.to_dict())
+  lowres_schedule = None
+  if d.lowres_schedule is not None:
+    lowres_schedule = _wrap("config.diffusion.lowres_schedule", schedules.get,
+                            d.lowres_schedule)
+  elif config.data.lowres_resolution is not None:
+    raise ConfigError("A super-resolution stage needs config.diffusion.lowres_schedule "
+                      "(e.g. 'shifted_cosine') for noise-conditioning augmentation.")
+  return _wrap("config.diffusion", step_lib.DiffusionSettings, schedule=schedule,
+               parameterization=d.parameterization, weighting=d.weighting,
+               min_snr_gamma=d.min_snr_gamma, sigma_data=d.sigma_data,
+               cond_drop_prob=d.cond_drop_prob, lowres_schedule=lowres_schedule,
+               lowres_aug_max_t=d.lowres_aug_max_t)
+
+
+def step_settings(config: ml_collections.ConfigDict) -> step_lib.StepSettings:
+  t = config.train
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f"config.train.batch_size={t.batch_size} must divide by "
+                      f"config.train.grad_accum_steps={t.grad_accum_steps}.")
+  return _wrap("config.train", step_lib.StepSettings, diffusion_settings(config),
+               ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
+               grad_accum_steps=t.grad_accum_steps)
+
+
+def optimizer_settings(config: ml_collections.ConfigDict) -> state_lib.OptimizerSettings:
+  return _wrap("config.optimizer", state_lib.OptimizerSettings, **config.optimizer.to_dict())
+
+
+def loop_settings(config: ml_collections.ConfigDict) -> loop_lib.LoopSettings:
+  t = config.train
+  if config.mesh.rules not in RULES:
+    raise ConfigError(f"config.mesh.rules={config.mesh.rules!r}; choose one of "
+                      f"{', '.join(RULES)}.")
+  return _wrap(
+      "config.train", loop_lib.LoopSettings, num_steps=t.num_steps, batch_size=t.batch_size,
+      resolution=config.data.resolution, lowres_resolution=config.data.lowres_resolution,
+      time_budget_s=t.time_budget_s, seed=t.seed, log_every=t.log_every,
+      checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+      max_nonfinite_in_a_row=t.max_nonfinite_in_a_row,
+      mesh_axes=(("data", config.mesh.data), ("model", config.mesh.model)),
+      rules=RULES[config.mesh.rules], preview_every=t.preview_every,
+      preview_prompts=tuple(t.preview_prompts), preview_steps=t.preview_steps,
+      preview_guidance_scale=t.preview_guidance_scale)
+
+
+class CachedTextEncoder:
+  """A TextEncoder whose encode() goes through an on-disk EmbeddingCache."""
+
+  def __init__(self, encoder: text_lib.TextEncoder, cache: text_lib.EmbeddingCache):
+    self.encoder, self.cache = encoder, cache
+
+  def encode(self, prompts):
+    return self.cache.encode_cached(list(prompts))
+
+
+def text_encoder(config: ml_collections.ConfigDict, mesh=None):
+  """The configured text encoder (wrapped in its embedding cache if one is set)."""
+  t = config.text
+  try:
+    encoder = text_lib.TextEncoder.from_pretrained(t.encoder, max_length=t.max_length,
+                                                   mesh=mesh, rules=RULES[config.mesh.rules])
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(f"config.text.encoder={t.encoder!r}: {e}") from None
+  if t.cache_dir is None:
+    return encoder
+  return CachedTextEncoder(encoder, text_lib.EmbeddingCache(t.cache_dir, encoder))
+
+
+def dataset_name(config: ml_collections.ConfigDict) -> str:
+  """The TFDS name to read; for the built-in shapes dataset, prepared first if missing."""
+  d = config.data
+  if d.dataset != "shapes":
+    return d.dataset
+  from diffusion_jax.data import shapes_tfds
+
+  builder = shapes_tfds.shapes_builder(d.data_dir, d.resolution, d.shapes_num_train,
+                                       max_objects=d.shapes_max_objects)
+  name = f"shapes/{builder.builder_config.name}"
+  if not builder.is_prepared():
+    if not d.prepare:
+      raise UserError(f"Dataset {name} is not prepared in {d.data_dir}; run "
+                      f"{shapes_tfds.prepare_command(d.data_dir, name.split('/', 1)[1])} "
+                      "or set config.data.prepare=True.")
+    print(f"Preparing {name} in {d.data_dir} (once) ...", flush=True)
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    pathlib.Path(d.data_dir).mkdir(parents=True, exist_ok=True)
+    shapes_tfds.prepare_shapes(d.data_dir, d.resolution, d.shapes_num_train,
+                               max_objects=d.shapes_max_objects)
+  return name
+
+
+def data_factory(config: ml_collections.ConfigDict):
+  """A zero-argument function returning the training input pipeline (checked now)."""
+  from diffusion_jax.data import pipeline
+
+  d = config.data
+  kwargs = dict(
+      dataset=dataset_name(config), data_dir=d.data_dir, split=d.split,
+      image_key=d.image_key,
+      caption_key=None if d.label_key is not None else d.caption_key,
+      label_key=d.label_key, caption_template=d.caption_template,
+      resolution=d.resolution, lowres_resolution=d.lowres_resolution, crop=d.crop,
+      global_batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True)
+
+  def make():
+    return pipeline.InputPipeline(**kwargs)
+
+  try:
+    make()  # fail now, with the data's own message, rather than after compiling
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise UserError(f"config.data: {e}") from None
+  return make
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str):
+  """Validates the whole config, then trains (resuming from ``workdir`` if possible)."""
+  from diffusion_jax.training import loop as loop_lib
+
+  dist = config.distributed
+  sharding.maybe_initialize_distributed(dist.coordinator_address, dist.num_processes,
+                                        dist.process_id)
+  model_cfg = unet_config(config)
+  steps, optimizer, loop = step_settings(config), optimizer_settings(config), \
+      loop_settings(config)
+  try:
+    mesh = sharding.make_mesh(dict(loop.mesh_axes))
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
+  if loop.batch_size % mesh.shape["data"]:
+    raise ConfigError(f"config.train.batch_size={loop.batch_size} must divide by the "
+                      f"mesh's data axis ({mesh.shape['data']} devices).")
+  encoder = text_encoder(config, mesh)
+  factory = data_factory(config)
+  try:
+    return loop_lib.train(
+        workdir, model=unet_lib.UNet(model_cfg), loop=loop, step_settings=steps,
+        optimizer=optimizer, data_factory=factory, text_encoder=encoder,
+        config_json=config.to_dict())
+  except loop_lib.NonFiniteError as e:
+    raise UserError(str(e)) from None
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.exists():
+    raise UserError(f"{path} not found: {workdir} is not a training workdir (train a stage "
+                    "with experiments/train.py --workdir=...).")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def training_stage(workdir: str, text_width: int, previous_resolution: int | None = None,
+                   **spec_overrides):
+  """A cascade Stage from a training workdir: its config.json and its latest EMA params.
+
+  ``spec_overrides`` (None values ignored) change sampling settings: sampler, num_steps,
+  guidance_scale, threshold, percentile, aug_level.
+  """
+  from diffusion_jax import cascade
+  from diffusion_jax.training import loop as loop_lib
+
+  config = load_workdir_config(workdir)
+  model_cfg = unet_config(config)
+  d = config.diffusion
+  resolution = config.data.resolution
+  if model_cfg.super_resolution and previous_resolution is not None:
+    # Stages trained on crops (Imagen's 1024 px stage) sample at their full upsampling.
+    resolution = previous_resolution * resolution // config.data.lowres_resolution
+  spec_kwargs = dict(resolution=resolution, parameterization=d.parameterization,
+                     schedule=d.schedule,
+                     schedule_kwargs=tuple(sorted(d.schedule_kwargs.to_dict().items())),
+                     lowres_schedule=d.lowres_schedule)
+  spec_kwargs.update({k: v for k, v in spec_overrides.items() if v is not None})
+  spec = _wrap(f"sampling settings of {workdir}", cascade.StageSpec, **spec_kwargs)
+  model = unet_lib.UNet(model_cfg)
+  try:
+    params, step = loop_lib.restore_ema_params(
+        workdir, model=model, optimizer=optimizer_settings(config),
+        loop=loop_settings(config), text_len=config.text.max_length, text_dim=text_width)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(str(e)) from None
+  return cascade.Stage(model, params, spec), config, step
+
+
+def load_cascade(workdirs=(), exported=(), **spec_overrides):
+  """(Cascade, description per stage, text-encoder description) from training workdirs or
+  exported stage directories."""
+  from diffusion_jax import cascade
+
+  if bool(workdirs) == bool(exported):
+    raise UserError("Give the stages either as --workdirs (training runs) or as --stages "
+                    "(exported), base stage first.")
+  stages, described, encoder, encoder_ids = [], [], None, set()
+  if workdirs:
+    configs = [load_workdir_config(w) for w in workdirs]
+    texts = {(c.text.encoder, c.text.max_length) for c in configs}
+    if len(texts) > 1:
+      raise UserError(f"The stages were trained with different text encoders {sorted(texts)};"
+                      " a cascade needs one.")
+    text_config = ml_collections.ConfigDict({"text": dict(configs[0].text.to_dict(),
+                                                          cache_dir=None),
+                                             "mesh": configs[0].mesh.to_dict()})
+    encoder = text_encoder(text_config)
+    text_meta = {"encoder": configs[0].text.encoder, "max_length": configs[0].text.max_length,
+                 "id": encoder.encoder_id}
+    previous = None
+    for workdir in workdirs:
+      stage, _, step = training_stage(workdir, encoder.width, previous, **spec_overrides)
+      previous = stage.spec.resolution
+      stages.append(stage)
+      described.append({"source": str(workdir), "step": step, **stage.spec.to_json()})
+  else:
+    for directory in exported:
+      try:
+        stage, text_meta = cascade.load_exported_stage(directory)
+      except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+      stage = cascade.replace_spec(stage, **spec_overrides)
+      encoder_ids.add(json.dumps(text_meta, sort_keys=True))
+      stages.append(stage)
+      described.append({"source": str(directory), **stage.spec.to_json()})
+    if len(encoder_ids) > 1:
+      raise UserError(f"The stages use different text encoders {sorted(encoder_ids)}.")
+    text_meta = json.loads(encoder_ids.pop())
+    try:
+      encoder = text_lib.TextEncoder.from_pretrained(text_meta["encoder"],
+                                                     max_length=text_meta["max_length"])
+    except (FileNotFoundError, ValueError) as e:
+      raise UserError(f"text encoder {text_meta['encoder']!r} of the exported stages: "
+                      f"{e}") from None
+    if encoder.encoder_id != text_meta["id"]:
+      raise UserError(f"The exported stages were made with text encoder {text_meta['id']!r},"
+                      f" but {text_meta['encoder']!r} now loads as {encoder.encoder_id!r}.")
+  try:
+    return cascade.Cascade(stages, encoder), described, text_meta
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def read_prompts(prompts, prompts_file) -> list[str]:
+  prompts = list(prompts)
+  if prompts_file:
+    path = pathlib.Path(prompts_file)
+    if not path.exists():
+      raise UserError(f"--prompts_file {path} does not exist.")
+    prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  if not prompts:
+    raise UserError("No prompts: pass --prompts=... (repeatable) or --prompts_file=FILE.")
+  return prompts
+
+
+def run_sampling(flags_values) -> pathlib.Path:
+  """experiments/sample.py's work, from its absl flag values."""
+  import jax
+
+  from diffusion_jax import cascade as cascade_lib
+  from diffusion_jax import images
+
+  f = flags_values
+  prompts = read_prompts(f.prompts, f.prompts_file)
+  scales = [float(s) for s in (f.guidance_scale or [])]
+  overrides = dict(sampler=f.sampler, num_steps=f.steps, threshold=f.threshold,
+                   percentile=f.percentile, aug_level=f.aug_level)
+  cascade, described, text_meta = load_cascade(f.workdirs, f.stages, **overrides)
+  if scales:
+    if len(scales) not in (1, len(cascade.stages)):
+      raise UserError(f"--guidance_scale needs 1 or {len(cascade.stages)} values, got "
+                      f"{len(scales)}.")
+    scales = scales * len(cascade.stages) if len(scales) == 1 else scales
+    cascade.stages = [cascade_lib.replace_spec(s, guidance_scale=w)
+                      for s, w in zip(cascade.stages, scales, strict=True)]
+    for d, w in zip(described, scales, strict=True):
+      d["guidance_scale"] = w
+  outdir = pathlib.Path(f.outdir)
+  (outdir / "images").mkdir(parents=True, exist_ok=True)
+  if f.export_dir:
+    for i, stage in enumerate(cascade.stages):
+      cascade_lib.export_stage(stage, pathlib.Path(f.export_dir) / f"stage_{i + 1}",
+                               text_meta)
+  outputs = cascade.sample(prompts, jax.random.key(f.seed), first_index=f.first_index,
+                           progress=lambda msg: print(msg, flush=True))
+  written = []
+  for spec, stage_images in zip(described, outputs, strict=True):
+    res = spec["resolution"]
+    grid = images.make_grid(stage_images, prompts, columns=min(4, len(prompts)),
+                            scale=max(1, 128 // res))
+    written.append(images.save_png(grid, outdir / f"stage{len(written) + 1}_{res}px.png"))
+    for b, image in enumerate(images.to_uint8(stage_images)):
+      images.save_png(image, outdir / "images" / f"{f.first_index + b:04d}_{res}px.png")
+  record = {
+      "prompts": prompts, "seed": f.seed, "first_index": f.first_index, "stages": described,
+      "text_encoder": cascade.text_encoder.encoder_id,
+      "regenerate": ("image i alone: experiments/sample.py --prompts=<prompt i> "
+                     "--first_index=i with the same seed and stage settings"),
+  }
+  (outdir / "samples.json").write_text(json.dumps(record, indent=2))
+  print("wrote " + ", ".join(str(p) for p in written) + f" and {outdir / 'samples.json'}")
+  return written[-1]
+
+
+def setup_compilation_cache() -> None:
+  """A persistent XLA compilation cache (repo/.cache/jax unless JAX_COMPILATION_CACHE_DIR
+  is set), so re-running an experiment does not recompile."""
+  import os
+
+  import jax
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  jax.config.update("jax_compilation_cache_dir",
+                    os.environ.get("JAX_COMPILATION_CACHE_DIR", str(root / ".cache" / "jax")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

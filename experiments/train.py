@@ -1,0 +1,39 @@
+r"""Trains one stage of the cascade.
+
+  python experiments/train.py --config=configs/demo_base.py --workdir=runs/demo/base
+
+Re-running with the same --workdir resumes from its latest checkpoint. On a TPU VM slice,
+run the same command on every host (gcloud ... ssh --worker=all --command="..."); on a
+GPU cluster pass --config.distributed.coordinator_address=HOST:PORT and the process count
+and id (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # for configs/
+
+import builders  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and previews.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  if FLAGS.verbosity == 0:  # orbax logs every save at INFO; keep the console readable
+    logging.set_verbosity(logging.WARNING)
+  builders.setup_compilation_cache()
+  try:
+    builders.run_training(FLAGS.config, FLAGS.workdir)
+  except builders.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
