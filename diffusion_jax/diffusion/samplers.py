@@ -189,7 +189,7 @@ def _edm_step(model_fn, x_T, logsnrs, key, parameterization, second_order, churn
       y = y + jnp.sqrt(sigma_hat**2 - sigma_s**2) * noise_scale * _step_noise(keys, i, x)
       sigma_s = sigma_hat
     logsnr_hat = -2.0 * jnp.log(sigma_s)
-    _, eps = denoise(y * alpha_sigma(logsnr_hat)[0], logsnr_hat)
+    x0, eps = denoise(y * alpha_sigma(logsnr_hat)[0], logsnr_hat)
     y_next = y + (sigma_t - sigma_s) * eps
     if second_order:
       def heun_correction(y_next):
@@ -199,7 +199,10 @@ def _edm_step(model_fn, x_T, logsnrs, key, parameterization, second_order, churn
 
       # The last step to clean data stays Euler (no model call at sigma = 0).
       y_next = jax.lax.cond(jnp.isfinite(logsnr_t), heun_correction, lambda y: y, y_next)
-    return (alpha_sigma(logsnr_t)[0] * y_next).astype(x.dtype)
+    # A step to clean data lands on x0_hat exactly (y - sigma eps_hat in exact arithmetic),
+    # so a thresholded x0 estimate stays inside its range despite rounding.
+    x_next = jnp.where(jnp.isfinite(logsnr_t), alpha_sigma(logsnr_t)[0] * y_next, x0)
+    return x_next.astype(x.dtype)
 
   return _scan_steps(step, x_T, logsnrs)
 

@@ -1,0 +1,255 @@
+"""The Imagen cascade: a base stage and super-resolution stages, sampled in sequence.
+
+A stage is a U-Net, its (EMA) parameters and a ``StageSpec`` of sampling settings. A
+stage's network ``unet(x_t, logsnr, text_emb, text_mask, lowres, lowres_logsnr)`` becomes
+the diffusion core's conditional model function ``(x_t, logsnr, cond) -> prediction``
+(``stage_model_fn``), whose cond pytree carries the text and, for super-resolution
+stages, the augmented low-res image and its noise level. For classifier-free guidance
+the null condition replaces only the text: the low-res image conditions both halves.
+
+``Cascade.sample`` encodes the prompts once, runs the base stage, and feeds every stage's
+output to the next one as its low-res input, noised to the stage's fixed augmentation
+level (Imagen section 2.5, noise conditioning augmentation; the level is given to the
+U-Net too). Each stage's sampling is one compiled program (compiled once per batch
+size). Image i of a call draws all its randomness from ``fold_in(fold_in(key, stage), i)``
+(i counted from ``first_index``), so any single image can be regenerated alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.diffusion import grids, guidance, samplers, schedules
+from diffusion_jax.models import unet as unet_lib
+
+
+def stage_model_fn(model: nn.Module, params: Any):
+  """(x_t, logsnr, cond) -> prediction for a U-Net; cond has text_emb, text_mask and
+  optionally lowres, lowres_logsnr."""
+  def cond_model_fn(x_t, logsnr, cond):
+    return model.apply({"params": params}, x_t, logsnr, cond["text_emb"], cond["text_mask"],
+                       lowres=cond.get("lowres"), lowres_logsnr=cond.get("lowres_logsnr"))
+  return cond_model_fn
+
+
+def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
+                 text_mask: jnp.ndarray, null_cond: dict, key: jax.Array,
+                 grid: jnp.ndarray, *, image_shape: tuple[int, int, int],
+                 parameterization: str, sampler: str = "ddim", guidance_scale: float = 1.0,
+                 threshold: str = "dynamic", percentile: float = 0.995,
+                 lowres: jnp.ndarray | None = None, lowres_logsnr: jnp.ndarray | None = None,
+                 sampler_options: dict | None = None) -> jnp.ndarray:
+  """Samples images [B, H, W, C] for text embeddings [B, L, D] (jit-able).
+
+  ``null_cond``: {"text_emb": [L, D], "text_mask": [L]} (the encoded empty prompt).
+  ``key``: one key for the batch (image i from fold_in(key, i)) or one per image [B].
+  ``guidance_scale`` 1 runs the conditional model alone (one network call per step).
+  """
+  batch = text_emb.shape[0]
+  cond = {"text_emb": text_emb, "text_mask": text_mask}
+  null = dict(null_cond)
+  if lowres is not None:
+    cond.update(lowres=lowres, lowres_logsnr=lowres_logsnr)
+    null.update(lowres=lowres, lowres_logsnr=lowres_logsnr)
+  cond_model_fn = stage_model_fn(model, params)
+  if guidance_scale == 1.0:
+    def model_fn(x_t, logsnr):
+      return cond_model_fn(x_t, logsnr, cond)
+  else:
+    model_fn = guidance.classifier_free(cond_model_fn, cond, null, guidance_scale)
+  model_fn = guidance.thresholded(model_fn, parameterization, threshold, percentile)
+  x_T = samplers.initial_noise(key, (batch, *image_shape))
+  return samplers.sample(sampler, model_fn, x_T, grid, key,
+                         parameterization=parameterization, **(sampler_options or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """How one stage samples. ``lowres_schedule`` and ``aug_level`` (a time t in [0, 1] of
+  that schedule; Imagen sweeps it, 0 is nearly clean) are for super-resolution stages."""
+
+  resolution: int
+  parameterization: str = "v"
+  schedule: str = "shifted_cosine"
+  schedule_kwargs: tuple[tuple[str, Any], ...] = ()
+  sampler: str = "ddim"
+  num_steps: int = 50
+  guidance_scale: float = 3.0
+  threshold: str = "dynamic"
+  percentile: float = 0.995
+  lowres_schedule: str | None = None
+  aug_level: float = 0.0
+  sampler_options: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    samplers.get(self.sampler)
+    schedules.get(self.schedule, **dict(self.schedule_kwargs))
+    guidance.thresholded(lambda x, s: x, self.parameterization, self.threshold,
+                         self.percentile)
+    if self.num_steps < 1:
+      raise ValueError(f"num_steps must be >= 1, got {self.num_steps}.")
+    if not 0.0 <= self.aug_level <= 1.0:
+      raise ValueError(f"aug_level must lie in [0, 1], got {self.aug_level}.")
+
+  def grid(self) -> np.ndarray:
+    return grids.uniform_time(schedules.get(self.schedule, **dict(self.schedule_kwargs)),
+                              self.num_steps)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict) -> StageSpec:
+    d = dict(d)
+    for name in ("schedule_kwargs", "sampler_options"):
+      d[name] = tuple((k, v) for k, v in d.get(name, ()))
+    return cls(**d)
+
+
+@dataclasses.dataclass
+class Stage:
+  model: unet_lib.UNet
+  params: Any
+  spec: StageSpec
+
+  @property
+  def super_resolution(self) -> bool:
+    return self.model.config.super_resolution
+
+
+class Cascade:
+  """An ordered list of stages sharing one text encoder (``encode(prompts) -> (emb,
+  mask)``); the first stage is the base stage."""
+
+  def __init__(self, stages: Sequence[Stage], text_encoder):
+    if not stages:
+      raise ValueError("A cascade needs at least one stage.")
+    if stages[0].super_resolution:
+      raise ValueError("The first stage must be a base (text-to-image) stage.")
+    for prev, stage in zip(stages, stages[1:], strict=False):
+      if not stage.super_resolution:
+        raise ValueError("Every stage after the first must be a super-resolution stage.")
+      if stage.spec.lowres_schedule is None:
+        raise ValueError("A super-resolution stage needs spec.lowres_schedule.")
+      cfg = stage.model.config
+      if cfg.lowres_resolution and (stage.spec.resolution * cfg.lowres_resolution !=
+                                    prev.spec.resolution * cfg.resolution):
+        raise ValueError(
+            f"Stage at {stage.spec.resolution} px was trained to upsample "
+            f"{cfg.lowres_resolution} -> {cfg.resolution} px, which does not match the "
+            f"previous stage's {prev.spec.resolution} px.")
+    self.stages, self.text_encoder = list(stages), text_encoder
+    self._compiled: dict[int, Callable] = {}
+
+  def _stage_fn(self, index: int) -> Callable:
+    if index not in self._compiled:
+      stage = self.stages[index]
+      spec = stage.spec
+      image_shape = (spec.resolution, spec.resolution, stage.model.config.out_channels)
+      lowres_schedule = (schedules.get(spec.lowres_schedule) if spec.lowres_schedule
+                         else None)
+      grid = spec.grid()  # numpy, built outside the trace
+
+      def run(params, text_emb, text_mask, null_cond, keys, lowres):
+        extra = {}
+        if lowres is not None:
+          # Noise-conditioning augmentation at the fixed level aug_level, per-image noise.
+          logsnr = jnp.full((lowres.shape[0],), lowres_schedule.logsnr(spec.aug_level))
+          noise = jax.vmap(lambda k, x: jax.random.normal(jax.random.fold_in(k, 2**31 - 1),
+                                                          x.shape))(keys, lowres)
+          extra = dict(lowres=schedules.q_sample(lowres, noise, logsnr),
+                       lowres_logsnr=logsnr)
+        return sample_stage(
+            stage.model, params, text_emb, text_mask, null_cond, keys, grid,
+            image_shape=image_shape, parameterization=spec.parameterization,
+            sampler=spec.sampler, guidance_scale=spec.guidance_scale,
+            threshold=spec.threshold, percentile=spec.percentile,
+            sampler_options=dict(spec.sampler_options), **extra)
+
+      self._compiled[index] = jax.jit(run)
+    return self._compiled[index]
+
+  def sample(self, prompts: Sequence[str], key: jax.Array, *, first_index: int = 0,
+             progress: Callable[[str], None] | None = None) -> list[np.ndarray]:
+    """Images of every stage, [B, H_k, W_k, C] floats in [-1, 1], base stage first.
+
+    Image b of this call is image ``first_index + b`` of the run seeded by ``key``.
+    """
+    emb, mask = self.text_encoder.encode(list(prompts))
+    null_emb, null_mask = self.text_encoder.encode([""])
+    null = {"text_emb": jnp.asarray(null_emb[0]), "text_mask": jnp.asarray(null_mask[0])}
+    emb, mask = jnp.asarray(emb), jnp.asarray(mask)
+    outputs, lowres = [], None
+    for index, stage in enumerate(self.stages):
+      keys = samplers.image_keys(jax.random.fold_in(key, index), len(prompts), first_index)
+      if progress:
+        progress(f"stage {index + 1}/{len(self.stages)}: {stage.spec.resolution} px, "
+                 f"{stage.spec.sampler} x {stage.spec.num_steps} steps, guidance "
+                 f"{stage.spec.guidance_scale}")
+      images = self._stage_fn(index)(stage.params, emb, mask, null, keys, lowres)
+      lowres = images
+      outputs.append(np.asarray(jax.device_get(images)))
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------
+# Exported stages: EMA params (orbax) + model config and sampling spec (JSON).
+
+
+def unet_config_to_json(config: unet_lib.UNetConfig) -> dict:
+  return dataclasses.asdict(config)
+
+
+def unet_config_from_json(d: dict) -> unet_lib.UNetConfig:
+  d = dict(d)
+  d["levels"] = tuple(unet_lib.Level(**level) for level in d["levels"])
+  return unet_lib.UNetConfig(**d)
+
+
+def export_stage(stage: Stage, directory: str | pathlib.Path, text_encoder: dict) -> None:
+  """Writes ``stage.json`` and the params (an orbax PyTree) into ``directory``.
+
+  ``text_encoder``: how to rebuild the encoder the stage was trained with, e.g.
+  {"encoder": "t5-offline", "max_length": 16, "id": encoder.encoder_id}.
+  """
+  import orbax.checkpoint as ocp
+
+  directory = pathlib.Path(directory).resolve()
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory / "params", stage.params, force=True)
+  meta = {"unet": unet_config_to_json(stage.model.config), "spec": stage.spec.to_json(),
+          "text_encoder": text_encoder}
+  (directory / "stage.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_exported_stage(directory: str | pathlib.Path) -> tuple[Stage, dict]:
+  """(Stage, its text-encoder description) from ``export_stage``'s directory."""
+  import orbax.checkpoint as ocp
+
+  directory = pathlib.Path(directory).resolve()
+  meta_path = directory / "stage.json"
+  if not meta_path.exists():
+    raise FileNotFoundError(f"{meta_path} not found: {directory} is not an exported stage "
+                            "(export one with experiments/sample.py --export_dir).")
+  meta = json.loads(meta_path.read_text())
+  model = unet_lib.UNet(unet_config_from_json(meta["unet"]))
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(directory / "params")
+  return Stage(model, params, StageSpec.from_json(meta["spec"])), meta["text_encoder"]
+
+
+def replace_spec(stage: Stage, **changes) -> Stage:
+  """The same stage with some sampling settings changed (None values are ignored)."""
+  changes = {k: v for k, v in changes.items() if v is not None}
+  return dataclasses.replace(stage, spec=dataclasses.replace(stage.spec, **changes))
+
