@@ -33,8 +33,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Every benchmark prints a table; run them on an otherwise idle machine.
 bench: $(STAMP)
 	$(PY) benchmarks/samplers.py
+	$(PY) benchmarks/data.py
+	$(PY) benchmarks/text.py
+	$(PY) benchmarks/unet.py
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info
