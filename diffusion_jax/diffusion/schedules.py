@@ -21,6 +21,11 @@ grids (``grids.py``) hit the table values exactly and training can still draw co
 
 The continuous families are truncated to ``[logsnr_min, logsnr_max]`` by an affine
 reparameterisation of t (not by clipping), so they stay strictly decreasing.
+
+In float32 (what ``logsnr`` computes in) "strictly decreasing" holds down to a resolution:
+an exhaustive scan of every float32 t in [0, 1] on XLA:CPU (jax 0.10) found every schedule
+non-increasing between all adjacent t, with equal values only for t closer than 1.2e-7
+(2^-23; 6e-8 for the discrete tables). So t2 - t1 >= 2^-22 gives logsnr(t1) > logsnr(t2).
 """
 
 from __future__ import annotations
@@ -96,10 +101,15 @@ class DiscreteSchedule:
     t = jnp.asarray(t, jnp.float32)
     table = jnp.asarray(self.logsnr_table, jnp.float32)
     position = jnp.clip(t, 0.0, 1.0) * (self.num_timesteps - 1)
-    # Piecewise-linear interpolation of the table; exact at t = i / (T - 1).
-    lower = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, self.num_timesteps - 2)
-    frac = position - lower
-    return table[lower] * (1.0 - frac) + table[lower + 1] * frac
+    # Piecewise-linear interpolation of the table; exact at t = i / (T - 1). Written as
+    # a + frac * (b - a) clipped to [b, a] so that float32 rounding cannot make it
+    # increase: within a cell every operation rounds monotonically, and the clip keeps
+    # a cell's values >= the next cell's first value b. (The blend a (1 - frac) +
+    # b frac rose between ~5M pairs of adjacent float32 t in [0, 0.25) for T = 1000.)
+    lower = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, self.num_timesteps - 1)
+    upper = jnp.minimum(lower + 1, self.num_timesteps - 1)
+    a, b = table[lower], table[upper]
+    return jnp.clip(a + (position - lower) * (b - a), b, a)
 
 
 def linear(num_timesteps: int = 1000, beta_start: float = 1e-4,
