@@ -161,3 +161,20 @@ def test_bad_input():
     samplers.ddpm(x0_model_fn, x, grids.karras(3), jax.random.key(0), variance="fixed")
   with pytest.raises(ValueError, match="one per image"):
     samplers.ddpm(x0_model_fn, x, grids.karras(3), jax.random.split(jax.random.key(0), 3))
+
+
+@pytest.mark.parametrize("name,opts", [("ddpm", {}), ("ddim", {"eta": 0.5}),
+                                       ("euler", {"churn": 10.0}), ("heun", {"churn": 10.0})])
+def test_stochastic_sampler_without_key_says_it_needs_one(name, opts):
+  x = jnp.zeros((2, 1))
+  with pytest.raises(ValueError, match=f"^{name}.* needs a key: pass key=jax.random.key"):
+    samplers.sample(name, x0_model_fn, x, grids.karras(3), None, parameterization="x0",
+                    **opts)
+  with pytest.raises(ValueError, match="initial_noise .*needs a key"):
+    samplers.initial_noise(None, (2, 1))
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler", "heun"])
+def test_deterministic_samplers_need_no_key(name):
+  x = samplers.initial_noise(jax.random.key(0), (2, 1))
+  assert np.all(np.isfinite(_run(name, x, grids.karras(3), None)))

@@ -37,7 +37,10 @@ def image_keys(key: jax.Array, batch_size: int, start: int = 0) -> jax.Array:
       jnp.arange(start, start + batch_size, dtype=jnp.uint32))
 
 
-def _as_image_keys(key: jax.Array, batch_size: int) -> jax.Array:
+def _as_image_keys(key: jax.Array | None, batch_size: int, needed_by: str) -> jax.Array:
+  if key is None:
+    raise ValueError(f"{needed_by} draws fresh noise and needs a key: pass "
+                     "key=jax.random.key(seed) (or one key per image).")
   single_ndim = 0 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 1
   if key.ndim == single_ndim:
     return image_keys(key, batch_size)
@@ -54,7 +57,7 @@ def _per_image_normal(keys: jax.Array, step, shape, dtype) -> jnp.ndarray:
 
 def initial_noise(key: jax.Array, shape, dtype=jnp.float32) -> jnp.ndarray:
   """x_T ~ N(0, I) of ``shape`` [B, ...]; image i from ``fold_in(key, i)`` (or key[i])."""
-  keys = _as_image_keys(key, shape[0])
+  keys = _as_image_keys(key, shape[0], "initial_noise")
   return _per_image_normal(keys, 0, tuple(shape[1:]), dtype)
 
 
@@ -82,7 +85,7 @@ def ddim(model_fn: ModelFn, x_T, logsnrs, key=None, *, parameterization: str = "
          eta: float = 0.0):
   """DDIM (Song et al. 2021); eta = 0 is deterministic, eta = 1 is ancestral DDPM."""
   denoise, logsnrs = param_lib.denoise(model_fn, parameterization), _check_grid(logsnrs)
-  keys = _as_image_keys(key, x_T.shape[0]) if eta != 0 else None
+  keys = _as_image_keys(key, x_T.shape[0], f"ddim with eta={eta}") if eta != 0 else None
 
   def step(x, inputs):
     i, logsnr_s, logsnr_t = inputs
@@ -113,7 +116,7 @@ def ddpm(model_fn: ModelFn, x_T, logsnrs, key=None, *, parameterization: str = "
   if variance not in ("small", "large"):
     raise ValueError(f"Unknown DDPM variance {variance!r}; choose one of small, large.")
   denoise, logsnrs = param_lib.denoise(model_fn, parameterization), _check_grid(logsnrs)
-  keys = _as_image_keys(key, x_T.shape[0])
+  keys = _as_image_keys(key, x_T.shape[0], "ddpm")
 
   def step(x, inputs):
     i, logsnr_s, logsnr_t = inputs
@@ -174,7 +177,8 @@ def _edm_step(model_fn, x_T, logsnrs, key, parameterization, second_order, churn
   denoise, logsnrs = param_lib.denoise(model_fn, parameterization), _check_grid(logsnrs)
   num_steps = logsnrs.shape[0] - 1
   gamma_max = min(churn / num_steps, np.sqrt(2.0) - 1.0) if churn > 0 else 0.0
-  keys = _as_image_keys(key, x_T.shape[0]) if gamma_max > 0 else None
+  keys = (_as_image_keys(key, x_T.shape[0], f"{'heun' if second_order else 'euler'} with "
+                         f"churn={churn}") if gamma_max > 0 else None)
 
   def ve_sigma(logsnr):
     return jnp.exp(-0.5 * logsnr)
