@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffusion_jax.diffusion import grids, schedules
 
@@ -54,3 +56,39 @@ def test_discrete_grid_needs_discrete_schedule():
     grids.discrete(schedules.ShiftedCosineSchedule(), 10)
   with pytest.raises(ValueError, match="cannot exceed"):
     grids.discrete(schedules.linear(10), 20)
+
+
+def test_leading_offset_past_the_table_is_a_clear_error():
+  # diffusers' leading spacing + steps_offset=1 with as many steps as the table indexes
+  # alphas_cumprod[T]; here that is a ValueError saying what to change, not an IndexError.
+  sched = schedules.linear(1000)
+  with pytest.raises(ValueError, match=r"starts at timestep 1000, past the table's last "
+                                       r"step 999: use steps_offset <= 0"):
+    grids.discrete(sched, 1000, "leading", steps_offset=1)
+  with pytest.raises(ValueError, match="steps_offset <= 1"):
+    grids.discrete_timesteps(10, 5, "leading", steps_offset=2)  # 8 + 2 > 9
+  with pytest.raises(ValueError, match="steps_offset must be an integer >= 0"):
+    grids.discrete_timesteps(1000, 10, "leading", steps_offset=-1)
+  assert grids.discrete_timesteps(1000, 999, "leading", steps_offset=1)[0] == 999
+
+
+@settings(deadline=None, max_examples=200)
+@given(T=st.integers(2, 1200), data=st.data())
+def test_discrete_timesteps_stay_in_the_table_or_raise(T, data):
+  num_steps = data.draw(st.integers(1, T))
+  spacing = data.draw(st.sampled_from(grids.SPACINGS))
+  offset = data.draw(st.integers(0, 3))
+  try:
+    steps = grids.discrete_timesteps(T, num_steps, spacing, offset)
+  except ValueError as e:
+    assert spacing == "leading" and "past the table's last step" in str(e)
+    return
+  assert steps.shape == (num_steps,)
+  assert steps.min() >= 0 and steps.max() <= T - 1
+  assert np.all(np.diff(steps) < 0)
+
+
+def test_trailing_has_exactly_num_steps_timesteps():
+  # np.arange(15, 0, -15 / 13) has 14 entries; the 14th became timestep -1.
+  steps = grids.discrete_timesteps(15, 13, "trailing")
+  assert len(steps) == 13 and steps.min() == 0 and steps[0] == 14

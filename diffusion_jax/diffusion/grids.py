@@ -54,17 +54,30 @@ def uniform_time(schedule: Schedule, num_steps: int, *, t_start: float = 1.0,
 
 def discrete_timesteps(num_train_timesteps: int, num_steps: int,
                        spacing: str = "leading", steps_offset: int = 0) -> np.ndarray:
-  """Integer DDPM timesteps, descending, chosen as diffusers' schedulers choose them."""
+  """Integer DDPM timesteps in [0, T - 1], descending, chosen as diffusers' schedulers
+  choose them. ``steps_offset`` shifts the ``leading`` spacing only (as in diffusers,
+  which ignores it for the other two)."""
   num_steps = _check_num_steps(num_steps)
   T = int(num_train_timesteps)
   if num_steps > T:
     raise ValueError(f"num_steps ({num_steps}) cannot exceed the schedule's {T} steps.")
+  if int(steps_offset) != steps_offset or steps_offset < 0:
+    raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset}.")
   if spacing == "leading":
     ratio = T // num_steps
-    steps = (np.arange(num_steps) * ratio).round()[::-1] + steps_offset
+    steps = (np.arange(num_steps) * ratio).round()[::-1] + int(steps_offset)
+    if steps[0] > T - 1:
+      # e.g. T = 1000, 1000 steps, offset 1: diffusers would index alphas_cumprod[1000].
+      raise ValueError(
+          f"'leading' spacing with {num_steps} steps and steps_offset={steps_offset} "
+          f"starts at timestep {int(steps[0])}, past the table's last step {T - 1}: use "
+          f"steps_offset <= {T - 1 - int(steps[0]) + int(steps_offset)}, fewer steps, or "
+          "spacing='trailing'.")
   elif spacing == "trailing":
-    ratio = T / num_steps
-    steps = np.round(np.arange(T, 0, -ratio)) - 1
+    # diffusers' formula, except that np.arange(T, 0, -T / num_steps) returns
+    # num_steps + 1 values when T / (T / num_steps) rounds above num_steps (T = 15,
+    # 13 steps), the extra one being timestep -1 (the *noisiest* entry, via wrap-around).
+    steps = (np.round(np.arange(T, 0, -T / num_steps)) - 1)[:num_steps]
   elif spacing == "linspace":
     steps = np.linspace(0, T - 1, num_steps).round()[::-1]
   else:
