@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test test-all demo lint bench clean
+.PHONY: test test-all demo lint bench bench-peer clean
 
 $(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ bench: $(STAMP)
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/text.py
 	$(PY) benchmarks/unet.py
+	$(PY) benchmarks/train.py --config=configs/demo_base.py
+	$(PY) benchmarks/train.py --config=configs/demo_sr.py
+
+# The U-Net benchmark with imagen-pytorch measured beside it. The peer is installed without
+# its declared dependencies (torchvision would pull a CUDA torch); see
+# benchmarks/peer_imagen_pytorch.py.
+bench-peer: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target .cache/peer \
+	  $$($(PY) -c "import sys; sys.path.insert(0, 'benchmarks'); \
+	    import peer_imagen_pytorch as p; print(' '.join(p.PEER_PACKAGES))")
+	$(PY) benchmarks/unet.py --peer
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info

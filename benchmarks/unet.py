@@ -3,12 +3,25 @@
   .venv/bin/python benchmarks/unet.py                       # 32 and 64 px, batch 16
   .venv/bin/python benchmarks/unet.py --resolutions 32 --steps 3
   .venv/bin/python benchmarks/unet.py --dtype bfloat16 --ynn  # bf16 with XLA's YNN fusions
+  make bench-peer                                            # also imagen-pytorch, side by side
 
 Each resolution runs in its own subprocess, so "peak RSS" is that resolution's alone.
 FLOPs per train step come from XLA's cost analysis of the compiled step; the fraction of
 peak divides the achieved FLOP/s by a 2048x2048 float32 matmul's, measured in the same
-process. Reference (imagen-pytorch 2.1.0, torch 2.13 CPU, 2 threads, same configuration):
-9.3 img/s training at 32 px, 1.33 img/s at 64 px, 7.5 GB peak RSS at 64 px.
+process.
+
+``--peer`` runs imagen-pytorch 2.1.0's Unet of the same configuration
+(benchmarks/peer_imagen_pytorch.py, torch CPU, 2 threads) in its own subprocess right
+after ours at each resolution, so the "vs peer" columns are ratios measured side by side.
+Without it they divide by figures recorded once on this kind of machine
+(shared/PERF-NOTES.md: 9.3 img/s training at 32 px, 1.33 img/s at 64 px, 7.5 GB peak RSS
+at 64 px), which only mean something on an idle machine of the same kind.
+
+The two networks share their hyperparameters (widths, blocks, attention levels, heads),
+not their architecture: imagen-pytorch adds a Perceiver text resampler, a feed-forward
+after every attention, a global-context block and one more skip per level, so it has
+more parameters and FLOPs. The table therefore also gives GFLOP/s, the work-normalised
+comparison.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pathlib
 import resource
 import subprocess
 import sys
@@ -36,6 +50,8 @@ def parse_args(argv=None):
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--ynn", action="store_true", help="XLA CPU YNN dot/conv fusions")
+  parser.add_argument("--peer", action="store_true",
+                      help="also run imagen-pytorch (make bench-peer installs it)")
   parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -125,6 +141,14 @@ def run_one(args, resolution: int) -> dict:
               peak_gflops=peak, rss_gb=rss_gb)
 
 
+def run_subprocess(command, env) -> dict | None:
+  out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+  if out.returncode:
+    print(out.stderr[-3000:], file=sys.stderr)
+    return None
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.single:
@@ -135,29 +159,41 @@ def main(argv=None):
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + YNN_FLAG).strip()
   passthrough = ["--preset", args.preset, "--batch", str(args.batch), "--steps",
                  str(args.steps), "--dtype", args.dtype] + (["--remat"] if args.remat else [])
+  peer_script = str(pathlib.Path(__file__).with_name("peer_imagen_pytorch.py"))
   rows = []
   for resolution in (int(r) for r in args.resolutions.split(",")):
-    out = subprocess.run([sys.executable, __file__, *passthrough, "--single", str(resolution)],
-                         env=env, capture_output=True, text=True, check=False)
-    if out.returncode:
-      print(out.stderr[-3000:], file=sys.stderr)
+    ours = run_subprocess([sys.executable, __file__, *passthrough, "--single",
+                           str(resolution)], env)
+    if ours is None:
       continue
-    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    peer = PEER.get(resolution, {})
+    if args.peer:
+      measured = run_subprocess([sys.executable, peer_script, "--resolution", str(resolution),
+                                 "--batch", str(args.batch), "--steps", str(args.steps)],
+                                dict(os.environ))
+      if measured is not None:
+        peer = dict(train=measured["train_ips"], forward=measured["forward_ips"],
+                    rss_gb=measured["rss_gb"], params=measured["params"], measured=True)
+    rows.append((ours, peer))
   flags = f"{args.dtype}{' remat' if args.remat else ''}{' ynn' if args.ynn else ''}"
   print(f"\nU-Net {args.preset} ({flags}), batch {args.batch}, median of {args.steps} steps")
   header = ("res", "params", "GFLOP/step", "train img/s", "vs peer", "fwd img/s", "vs peer",
-            "GFLOP/s", "% of peak", "peak RSS GB", "compile s", "CPU s/step")
+            "GFLOP/s", "% of peak", "peak RSS GB", "vs peer", "compile s", "peer")
   print(" | ".join(f"{h:>11}" for h in header))
-  for r in rows:
-    peer = PEER.get(r["resolution"], {})
+  for r, peer in rows:
+    ratio = lambda ours, key, peer=peer: f"{ours / peer[key]:.2f}x" if key in peer else "-"
     cells = (r["resolution"], f"{r['params'] / 1e6:.2f}M", f"{r['gflop']:.0f}",
-             f"{r['train_ips']:.2f}", f"{r['train_ips'] / peer['train']:.2f}x" if peer else "-",
-             f"{r['forward_ips']:.1f}",
-             f"{r['forward_ips'] / peer['forward']:.2f}x" if peer else "-",
+             f"{r['train_ips']:.2f}", ratio(r["train_ips"], "train"),
+             f"{r['forward_ips']:.1f}", ratio(r["forward_ips"], "forward"),
              f"{r['gflops']:.0f}", f"{100 * r['gflops'] / r['peak_gflops']:.0f}% of "
-             f"{r['peak_gflops']:.0f}", f"{r['rss_gb']:.2f}", f"{r['compile_s']:.0f}",
-             f"{r['train_cpu_s']:.2f}")
+             f"{r['peak_gflops']:.0f}", f"{r['rss_gb']:.2f}", ratio(r["rss_gb"], "rss_gb"),
+             f"{r['compile_s']:.0f}", "measured" if peer.get("measured") else "recorded")
     print(" | ".join(f"{str(c):>11}" for c in cells))
+  for r, peer in rows:
+    if peer.get("measured"):
+      print(f"  {r['resolution']} px peer: {peer['params'] / 1e6:.2f}M params, "
+            f"{peer['train']:.2f} train img/s, {peer['forward']:.1f} fwd img/s, "
+            f"{peer['rss_gb']:.2f} GB peak RSS")
 
 
 if __name__ == "__main__":
