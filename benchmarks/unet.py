@@ -4,6 +4,7 @@
   .venv/bin/python benchmarks/unet.py --resolutions 32 --steps 3
   .venv/bin/python benchmarks/unet.py --dtype bfloat16 --ynn  # bf16 with XLA's YNN fusions
   make bench-peer                                            # also imagen-pytorch, side by side
+  .venv/bin/python benchmarks/unet.py --params              # parameter count of every preset
 
 Each resolution runs in its own subprocess, so "peak RSS" is that resolution's alone.
 FLOPs per train step come from XLA's cost analysis of the compiled step; the fraction of
@@ -52,6 +53,8 @@ def parse_args(argv=None):
   parser.add_argument("--ynn", action="store_true", help="XLA CPU YNN dot/conv fusions")
   parser.add_argument("--peer", action="store_true",
                       help="also run imagen-pytorch (make bench-peer installs it)")
+  parser.add_argument("--params", action="store_true",
+                      help="print every preset's parameter count (jax.eval_shape) and exit")
   parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -149,8 +152,21 @@ def run_subprocess(command, env) -> dict | None:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def print_param_counts():
+  from diffusion_jax.models import unet
+  print(f"{'preset':>20} | {'resolution':>10} | {'params':>9} | {'paper':>6} | ratio")
+  for name, config in unet.PRESETS.items():
+    count = unet.count_params(config)
+    paper = unet.PAPER_PARAMS.get(name)
+    print(f"{name:>20} | {config.resolution:>10} | {count / 1e6:8.1f}M | "
+          + (f"{paper / 1e6:5.0f}M | {count / paper:.2f}x" if paper else f"{'-':>6} | -"))
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.params:
+    print_param_counts()
+    return
   if args.single:
     print(json.dumps(run_one(args, args.single)))
     return

@@ -42,7 +42,22 @@ def check_mesh(axes, key, batch, reference):
     bad = {k: v for k, v in fractions.items() if not math.isclose(v, 1 / jax.device_count())}
     assert not bad, f"kernels not split {jax.device_count()} ways under FSDP: {bad}"
   else:
+    # Tensor parallelism: FSDP still splits every kernel over `data`, and the model axis
+    # must split every convolution kernel (its output channels) and every attention
+    # projection (its heads) on top, so those hold 1/(data*model) per device. (The stem
+    # and output convolutions have 3 image channels on one side, which cannot split.)
     assert worst[1] <= 1 / axes["data"], worst
+    leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    split_both = {k for k, v in fractions.items() if math.isclose(v, 1 / jax.device_count())}
+    must_split = {jax.tree_util.keystr(path) for path, leaf in leaves.items()
+                  if jax.tree_util.keystr(path) in fractions and (
+                      (leaf.ndim == 4 and leaf.shape[-2] % axes["data"] == 0
+                       and leaf.shape[-1] % axes["model"] == 0)
+                      or "query" in jax.tree_util.keystr(path))}
+    missing = sorted(must_split - split_both)
+    assert must_split and not missing, f"not split over data and model: {missing}"
+    print(f"mesh {axes}: {len(split_both)} of {len(fractions)} large kernels split "
+          f"{jax.device_count()} ways, all {len(must_split)} conv / query kernels among them")
 
   params = helpers.perturb(params)
   params_ref, out_ref, loss_ref, grads_ref = reference

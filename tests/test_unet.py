@@ -71,8 +71,9 @@ def tiny_sr():
   return build(TINY_SR)
 
 
-@pytest.mark.parametrize("name", ["demo_base", "demo_sr", "imagen_pytorch_cpu"])
+@pytest.mark.parametrize("name", sorted(unet.PRESETS))
 def test_preset_output_shape(name):
+  """Every preset, paper-scale ones included, traced abstractly (nothing is allocated)."""
   config = unet.PRESETS[name]
   inputs = unet.example_inputs(config, batch=2)
   model = UNet(config)
