@@ -1,6 +1,7 @@
 """Shapes dataset (renderer, grammar, TFDS builder) and the TFDS + grain input pipeline."""
 
 import collections
+import itertools
 import json
 
 import numpy as np
@@ -112,7 +113,7 @@ def test_single_object_only_config():
   assert all(len(s.objects) == 1 for s in scenes)
 
 
-@pytest.mark.parametrize("high,low", [(64, 32), (32, 16)])
+@pytest.mark.parametrize("high,low", [(64, 32), (32, 16), (256, 64)])
 def test_rendering_is_resolution_independent(high, low):
   factor = high // low
   errors = []
@@ -192,6 +193,19 @@ def test_batch_format(shapes_dir):
   assert pipeline.steps_per_epoch == NUM_TRAIN // 8
 
 
+def test_batches_carry_the_attributes_of_their_captions(shapes_dir):
+  """Scoring generated images needs each prompt's structured attributes beside it."""
+  batch = next(_pipeline(shapes_dir))  # default passthrough
+  assert batch["attributes"].shape == (8,)
+  for caption, attributes, num_objects in zip(batch["caption"], batch["attributes"],
+                                              batch["num_objects"], strict=True):
+    scene = shapes.Scene.from_json(attributes)
+    assert shapes.parse_caption(caption) == scene.spec, caption
+    assert len(scene.objects) == num_objects
+  assert len(set(batch["attributes"])) == 8
+  assert "attributes" not in next(_pipeline(shapes_dir, passthrough_keys=[]))
+
+
 def test_random_crop_and_resize(shapes_dir):
   batch = next(_pipeline(shapes_dir, resolution=16, lowres_resolution=8, crop="random"))
   assert batch["image"].shape == (8, 16, 16, 3) and batch["lowres"].shape == (8, 8, 8, 3)
@@ -236,17 +250,35 @@ def test_processes_read_disjoint_shards(shapes_dir):
   assert len(seen[0] | seen[1]) == NUM_TRAIN
 
 
+# What a prepared cifar10 reads from its source files; TFDS's mock knows only the indices.
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck"]
+
+
+def _captions_and_labels(pipeline, num_batches=3):
+  batches = list(itertools.islice(pipeline, num_batches))
+  labels = np.concatenate([b["label"] for b in batches])
+  assert len(set(labels)) > 1, "mock labels should vary, or a wrong mapping could pass"
+  return [c for b in batches for c in b["caption"]], labels, batches[0]
+
+
 def test_generic_tfds_dataset_with_label_template(tmp_path):
   """cifar10 through tfds.testing.mock_data: a label key + caption template, no TensorFlow."""
+  args = dict(split="train", label_key="label", caption_template="a photo of a {label}",
+              resolution=16, lowres_resolution=8, global_batch_size=4, process_index=0,
+              process_count=1, num_threads=1)
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-    pipeline = InputPipeline("cifar10", data_dir=str(tmp_path), split="train", label_key="label",
-                             caption_template="a photo of a {label}", resolution=16,
-                             lowres_resolution=8, global_batch_size=4, process_index=0,
-                             process_count=1, num_threads=1)
-    batch = next(pipeline)
+    by_name = InputPipeline("cifar10", data_dir=str(tmp_path), **args)
+    captions, labels, batch = _captions_and_labels(by_name)
+    features = tfds.builder("cifar10", data_dir=str(tmp_path)).info.features
+    assert captions == [f"a photo of a {features['label'].int2str(int(i))}" for i in labels]
+    # With the real class names on the features, captions must use them, by index.
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    builder.info.features["label"].names = CIFAR10_NAMES
+    named_captions, named_labels, _ = _captions_and_labels(InputPipeline(builder, **args))
+  assert named_captions == [f"a photo of a {CIFAR10_NAMES[i]}" for i in named_labels]
   assert batch["image"].shape == (4, 16, 16, 3) and batch["lowres"].shape == (4, 8, 8, 3)
-  assert all(c.startswith("a photo of a ") for c in batch["caption"])
-  assert batch["label"].shape == (4,)
+  assert batch["label"].shape == (4,) and "id" not in batch  # text features stay out
 
 
 def test_bad_inputs(shapes_dir, tmp_path):

@@ -3,13 +3,20 @@
     pipeline = InputPipeline("shapes/32px_20k", data_dir=d, split="train", caption_key="caption",
                              resolution=32, global_batch_size=32, seed=0)
     batch = next(pipeline)   # {"image": [B, 32, 32, 3] float32 in [-1, 1], "caption": [B] str,
-                             #  "num_objects": [B] int32, "kind": [B] int64}
+                             #  "attributes": [B] JSON str, "num_objects": [B] int32,
+                             #  "kind": [B] int64}
     state = pipeline.get_state()   # JSON-serialisable; pipeline.set_state(state) resumes exactly
 
 Per example: the image is resized (antialiased) so its shorter side is `resolution` and
 centre-cropped (``crop="center"``), or, with ``crop="random"``, a `resolution` window is cut at
 the image's own scale (upscaled only if smaller), as Imagen's super-resolution stages train on
 crops; the optional low-resolution conditioning image is an antialiased downsample of that crop.
+
+Passthrough by default: numeric scalar features (e.g. "label"); for the shapes dataset also
+"attributes", the scene as the JSON string it is stored as (``json.loads`` it, or
+``shapes.Scene.from_json``), so generated images can be scored against their prompts. It stays
+a string because the train step ignores it (parsing every scene would cost the pipeline for
+nothing) and a string batches and serialises like the caption does.
 
 Determinism: the order is a seeded shuffle (a new permutation per epoch), random crops draw from
 an RNG seeded by (seed, process, element index), so the batches depend only on the arguments
@@ -87,6 +94,20 @@ def _is_numeric_scalar(feature) -> bool:
   return tuple(feature.shape) == () and np.dtype(feature.np_dtype).kind in "biuf"
 
 
+# Text features passed through by default, per dataset: small structured metadata that
+# evaluation needs. Generic text features are not, as they can be large (URLs, alt-texts).
+_DEFAULT_TEXT_PASSTHROUGH = {"shapes": ("attributes",)}
+
+
+def default_passthrough_keys(name: str, features, image_key: str,
+                             caption_key: str | None) -> list[str]:
+  """Every numeric scalar feature, plus the dataset's structured attributes if it has any."""
+  keys = [k for k in features.keys() if k not in (image_key, caption_key)
+          and _is_numeric_scalar(features[k])]
+  extra = _DEFAULT_TEXT_PASSTHROUGH.get(name.split("/", 1)[0], ())
+  return keys + [k for k in extra if k in features and k not in (image_key, caption_key)]
+
+
 def _to_str(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -118,7 +139,8 @@ class InputPipeline:
     "image":   float32 [B, resolution, resolution, 3] in [-1, 1]
     "lowres":  float32 [B, lowres_resolution, lowres_resolution, 3] in [-1, 1], if requested
     "caption": object [B] of python str (the caption feature, or caption_template with {label})
-    plus the passthrough features (default: every numeric scalar feature, e.g. "label").
+    plus the passthrough features (default: every numeric scalar feature, e.g. "label", and
+    for the shapes dataset "attributes": [B] of JSON str, see the module docstring).
   """
 
   def __init__(self, dataset: str | tfds.core.DatasetBuilder, *, data_dir: str | None = None,
@@ -162,8 +184,7 @@ class InputPipeline:
       if "{label}" not in caption_template:
         raise ValueError(f"caption_template {caption_template!r} must contain '{{label}}'.")
     if passthrough_keys is None:
-      passthrough_keys = [k for k in features.keys() if k not in (image_key, caption_key)
-                          and _is_numeric_scalar(features[k])]
+      passthrough_keys = default_passthrough_keys(self.name, features, image_key, caption_key)
     for key in passthrough_keys:
       if key not in features:
         raise ValueError(f"passthrough key {key!r} is not a feature of {self.name!r}; its "
