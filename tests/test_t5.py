@@ -187,6 +187,76 @@ def test_hub_id_resolves_from_the_hf_cache(checkpoints, tmp_path, monkeypatch):
   np.testing.assert_array_equal(encoder.encode(["a"])[0], local.encode(["a"])[0])
 
 
+def _forbid_the_hub(monkeypatch):
+  """Cache lookups are allowed (and find nothing); any network use fails the test."""
+  import huggingface_hub
+  from huggingface_hub import constants
+  from huggingface_hub.errors import LocalEntryNotFoundError
+
+  def snapshot_download(repo_id, local_files_only=False, **kwargs):
+    if local_files_only:
+      raise LocalEntryNotFoundError(f"{repo_id} is not cached")
+    pytest.fail(f"{repo_id!r} went to the hub")
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.mark.parametrize("name", ["models/t5-small", "./t5-small", "~/no-such-dir/t5",
+                                  "runs/a/t5", "/no/such/t5"])
+def test_local_looking_missing_paths_fail_without_the_hub(name, tmp_path, monkeypatch):
+  _forbid_the_hub(monkeypatch)
+  monkeypatch.setattr(hf_checkpoint, "_hub_reachable", lambda *a: pytest.fail("probed the hub"))
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "models").mkdir()  # so "models/t5-small" is a relative path, not "org/name"
+  where = pathlib.Path(name).expanduser().resolve()
+  with pytest.raises(FileNotFoundError) as error:
+    hf_checkpoint.resolve_directory(name)
+  message = str(error.value)
+  assert f"directory {where} does not exist" in message
+  assert "Missing there: config.json, model.safetensors" in message and "tokenizer" in message
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+  """DNS or TCP that never answers must not stall resolution (HF_HUB_OFFLINE unset)."""
+  import socket
+  import threading
+  import time
+
+  _forbid_the_hub(monkeypatch)
+  release = threading.Event()
+
+  def hang(*args, **kwargs):
+    release.wait(60)
+    raise OSError("released by the test")
+
+  monkeypatch.setattr(socket, "create_connection", hang)
+  monkeypatch.setattr(hf_checkpoint, "HUB_PROBE_TIMEOUT_S", 0.3)
+  start = time.perf_counter()
+  try:
+    with pytest.raises(FileNotFoundError, match=r"Hugging Face cache .*did not answer within "
+                                                r"0\.3 s.*Missing: config\.json"):
+      hf_checkpoint.resolve_directory("diffusion-jax-tests/no-such-t5")
+  finally:
+    release.set()
+  assert time.perf_counter() - start < 3.0
+
+
+def test_cached_hub_id_wins_over_a_local_lookalike(tmp_path, monkeypatch):
+  from huggingface_hub import constants
+  snapshot = tmp_path / "cache" / "models--tiny--t5-test" / "snapshots" / "0123abcd"
+  snapshot.mkdir(parents=True)
+  (snapshot / "config.json").write_text("{}")
+  (snapshot.parent.parent / "refs").mkdir()
+  (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+  monkeypatch.setattr(hf_checkpoint, "_hub_reachable", lambda *a: pytest.fail("probed the hub"))
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "tiny").mkdir()
+  assert hf_checkpoint.resolve_directory("tiny/t5-test") == snapshot
+
+
 def test_missing_weights(checkpoints, tmp_path):
   shutil.copy(checkpoints["v1_1"][0] / "config.json", tmp_path)
   with pytest.raises(FileNotFoundError, match="has no weights: expected model.safetensors"):

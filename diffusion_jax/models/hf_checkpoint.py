@@ -24,7 +24,11 @@ import json
 import os
 import pathlib
 import re
+import socket
 import struct
+import threading
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -74,12 +78,59 @@ class EncoderFamily:
   width: Callable[[Any], int]
 
 
+# Seconds to wait for a TCP connection to the hub before calling the machine offline: a
+# firewall that drops packets would otherwise stall snapshot_download for minutes.
+HUB_PROBE_TIMEOUT_S = 3.0
+_MISSING_FILES = (f"{CONFIG_NAME}, {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME} and its shards) and "
+                  "the tokenizer files (tokenizer.json or spiece.model)")
+
+
+def _hub_reachable(endpoint: str, timeout: float) -> bool:
+  """Whether a TCP connection to ``endpoint`` (or its proxy) opens within ``timeout`` s.
+
+  Name resolution has no timeout of its own, so the attempt runs in a daemon thread that is
+  abandoned after ``timeout``.
+  """
+  url = urllib.parse.urlsplit(endpoint)
+  host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+  proxy = urllib.request.getproxies().get(url.scheme)
+  if proxy and not urllib.request.proxy_bypass(host):
+    proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = proxy_url.hostname, proxy_url.port or 80
+  connected = []
+
+  def connect():
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+      connected.append(True)
+    except OSError:
+      pass
+
+  thread = threading.Thread(target=connect, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return bool(connected)
+
+
+def _local_path_reason(text: str) -> str | None:
+  """Why ``text`` (which names no existing path) must be a local path, or None if it could
+  be a hub id ("name" or "org/name")."""
+  if not _HUB_ID.match(text) or text.startswith((".", "~")):
+    return "it is a path, not a Hugging Face hub id ('name' or 'org/name')"
+  parent = text.split("/", 1)[0]
+  if "/" in text and pathlib.Path(parent).is_dir():
+    return f"{parent}/ is a local directory, so it is read as a path"
+  return None
+
+
 def resolve_directory(path_or_id: str | os.PathLike) -> pathlib.Path:
   """A local directory for ``path_or_id``: a path, or a hub id looked up in the HF cache.
 
   Hub ids resolve with ``huggingface_hub.snapshot_download``, from the local cache first and
-  from the hub unless ``HF_HUB_OFFLINE=1``. Raises FileNotFoundError naming what is missing
-  and where it was looked for.
+  from the hub unless ``HF_HUB_OFFLINE=1`` or the hub does not answer within
+  ``HUB_PROBE_TIMEOUT_S``. Something that can only be a path (absolute, ``./``, ``~``, more
+  than one ``/``, or ``org/name`` where ``org/`` is a local directory) never reaches the hub.
+  Raises FileNotFoundError naming what is missing and where it was looked for, quickly.
   """
   text = os.fspath(path_or_id)
   path = pathlib.Path(text).expanduser()
@@ -88,28 +139,35 @@ def resolve_directory(path_or_id: str | os.PathLike) -> pathlib.Path:
   if path.exists():
     raise NotADirectoryError(f"{text} is a file; expected a Hugging Face model directory "
                              f"(with {CONFIG_NAME} and {WEIGHTS_NAME}).")
-  if not _HUB_ID.match(text) or text.startswith((".", "~")):
-    raise FileNotFoundError(f"Text encoder directory {text} does not exist.")
   import huggingface_hub  # Deferred: only hub ids need it.
   from huggingface_hub import constants
   patterns = ["*.json", "*.safetensors", "spiece.model", "vocab.txt"]
-  try:
-    return pathlib.Path(huggingface_hub.snapshot_download(
-        text, allow_patterns=patterns, local_files_only=True))
-  except Exception:  # Not cached; maybe downloadable.
-    pass
+  if _HUB_ID.match(text):
+    try:  # A cached hub id wins even if it also looks like a path.
+      return pathlib.Path(huggingface_hub.snapshot_download(
+          text, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # Not cached.
+      pass
+  local_reason = _local_path_reason(text)
+  if local_reason is not None:
+    raise FileNotFoundError(
+        f"Text encoder directory {path.resolve()} does not exist ({text!r}: {local_reason}). "
+        f"Missing there: {_MISSING_FILES}. Pass an existing Hugging Face model directory "
+        f"(relative paths start from {pathlib.Path.cwd()}).")
   if constants.HF_HUB_OFFLINE:
     reason = "HF_HUB_OFFLINE is set"
+  elif not _hub_reachable(constants.ENDPOINT, HUB_PROBE_TIMEOUT_S):
+    reason = (f"the hub ({constants.ENDPOINT}) did not answer within {HUB_PROBE_TIMEOUT_S:g} s "
+              "(offline?)")
   else:
     try:
       return pathlib.Path(huggingface_hub.snapshot_download(text, allow_patterns=patterns))
-    except Exception as e:  # No network, unknown or gated repo...
+    except Exception as e:  # Unknown or gated repo, network failure...
       reason = f"downloading it failed ({type(e).__name__})"
   raise FileNotFoundError(
       f"Text encoder {text!r} is neither a local directory ({path.resolve()}) nor in the "
       f"Hugging Face cache ({constants.HF_HUB_CACHE}), and {reason}. Missing: "
-      f"{CONFIG_NAME}, {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) and the tokenizer files. "
-      "Download it on a machine with network access (e.g. "
+      f"{_MISSING_FILES}. Download it on a machine with network access (e.g. "
       f"`hf download {text}`) and pass the directory, or copy the cache.")
 
 
