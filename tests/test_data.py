@@ -3,12 +3,18 @@
 import collections
 import itertools
 import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from diffusion_jax.data import parallel, shapes, shapes_tfds
+from diffusion_jax.data import multihost, parallel, shapes, shapes_tfds
 from diffusion_jax.data.pipeline import InputPipeline
 
 NUM_TRAIN = 64  # + 16 validation + 16 test_compositional
@@ -301,3 +307,86 @@ def test_bad_inputs(shapes_dir, tmp_path):
     _pipeline(shapes_dir, process_count=3)
   with pytest.raises(ValueError, match="Unknown split"):
     _pipeline(shapes_dir, split="test")
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation on many processes
+
+
+def _prepare_on(process_index, events, barrier_result=True, fail=False):
+  def prepare():
+    events.append("prepare")
+    if fail:
+      raise OSError("disk full")
+    return "shapes/32px_64"
+
+  def barrier(ok):
+    events.append(f"barrier({ok})")
+    return barrier_result
+
+  return multihost.prepare_once(prepare, process_index=process_index, process_count=2,
+                                barrier=barrier)
+
+
+def test_prepare_once_orders_process_0_before_the_others():
+  events = []
+  assert _prepare_on(0, events) == "shapes/32px_64" and events == ["prepare", "barrier(True)"]
+  events = []
+  assert _prepare_on(1, events) == "shapes/32px_64" and events == ["barrier(True)", "prepare"]
+  # Process 0 fails: it releases the others with the news and raises its own error...
+  events = []
+  with pytest.raises(OSError, match="disk full"):
+    _prepare_on(0, events, fail=True)
+  assert events == ["prepare", "barrier(False)"]
+  # ...and they stop without preparing.
+  events = []
+  with pytest.raises(RuntimeError, match="Process 0 failed to prepare"):
+    _prepare_on(1, events, barrier_result=False)
+  assert events == ["barrier(True)"]
+  called = []
+  assert multihost.prepare_once(lambda: called.append(1) or "x", process_index=0,
+                                process_count=1, barrier=lambda ok: pytest.fail("no barrier"))
+  assert called == [1]
+
+
+_PREPARE_WORKER = textwrap.dedent("""
+    import json, sys, time
+    from diffusion_jax import sharding
+    from diffusion_jax.data import multihost, shapes_tfds
+    port, process_id, data_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    assert sharding.maybe_initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+
+    def prepare():
+      found = shapes_tfds.shapes_builder(data_dir, 16, 16).is_prepared()
+      if process_id == 0:
+        time.sleep(2)  # without the barrier, process 1 would look now and prepare too
+      return shapes_tfds.prepare_shapes(data_dir, 16, 16), found
+
+    name, found = multihost.prepare_once(prepare)
+    print(json.dumps({"name": name, "found_prepared": found}))
+""")
+
+
+def test_prepare_once_with_two_jax_processes(tmp_path):
+  """Two real JAX processes on a shared data_dir: process 1 finds process 0's dataset."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+  procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_WORKER, str(port), str(i),
+                             str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=240))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  assert all(p.returncode == 0 for p in procs), "\n".join(err[-2000:] for _, err in outputs)
+  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  assert [r["name"] for r in results] == ["shapes/16px_16"] * 2
+  assert [r["found_prepared"] for r in results] == [False, True]

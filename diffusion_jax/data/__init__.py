@@ -4,6 +4,7 @@
   shapes_tfds  the TFDS builder `shapes/<res>px_<n>[_max<k>][_seed<s>]` and prepare_shapes()
   pipeline     InputPipeline: any array_record TFDS dataset through tfds.data_source + grain
   parallel     ordered map over worker subprocesses (dataset preparation)
+  multihost    prepare_once(): process 0 prepares, the other processes wait, then reuse it
 
 Submodules are not imported here: TFDS takes seconds to import and the renderer needs none of it.
 """
