@@ -1,6 +1,7 @@
 """Shapes dataset (renderer, grammar, TFDS builder) and the TFDS + grain input pipeline."""
 
 import collections
+import functools
 import itertools
 import json
 import os
@@ -347,6 +348,31 @@ def test_prepare_once_orders_process_0_before_the_others():
   assert multihost.prepare_once(lambda: called.append(1) or "x", process_index=0,
                                 process_count=1, barrier=lambda ok: pytest.fail("no barrier"))
   assert called == [1]
+
+
+def test_outcome_of_process_0_travels_through_the_coordination_service(monkeypatch):
+  from jax._src import distributed
+
+  store = {}
+
+  class Client:  # the two methods of jax.distributed's client that prepare_once uses
+    def key_value_set(self, key, value):
+      assert key not in store
+      store[key] = value
+
+    def blocking_key_value_get(self, key, timeout_in_ms):
+      if key not in store:
+        raise RuntimeError(f"DEADLINE_EXCEEDED after {timeout_in_ms} ms")
+      return store[key]
+
+  monkeypatch.setattr(distributed.global_state, "client", Client())
+  share = functools.partial(multihost._share_outcome, timeout_s=0.5)
+  assert share(True, is_source=True, key="a") and store == {"a": "ok"}
+  assert share(True, is_source=False, key="a")
+  assert not share(False, is_source=True, key="b")
+  assert not share(True, is_source=False, key="b")
+  with pytest.raises(TimeoutError, match="process 0 to prepare the dataset after 0.5 s"):
+    share(True, is_source=False, key="never written")
 
 
 _PREPARE_WORKER = textwrap.dedent("""

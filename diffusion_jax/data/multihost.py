@@ -2,13 +2,16 @@
 
     name = prepare_once(lambda: shapes_tfds.prepare_shapes(data_dir, 32, 20_000))
 
-Every process must make this call, whether or not the data looks prepared to it: the wait is a
-collective, so a process that skipped it (because process 0 had already finished by the time it
-checked) would leave the others waiting forever.
+Every process must make this call, whether or not the data looks prepared to it: calls are
+paired across processes by their order, and the others wait for process 0's call to finish, so a
+process 0 that skipped it would leave them waiting until the timeout (and a process that skipped
+it because process 0 had finished by the time it looked would pair its next call wrongly). Put
+the "already prepared?" check inside `prepare`, where it runs after the wait.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -16,16 +19,36 @@ import numpy as np
 
 T = TypeVar("T")
 
-
-def _broadcast_success(ok: bool) -> bool:
-  """Barrier across all processes that also hands every process process 0's outcome."""
-  from jax.experimental import multihost_utils
-
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+DEFAULT_TIMEOUT_S = 4 * 3600.0  # how long the other processes wait for process 0 to prepare
+_call_index = itertools.count()  # every process makes the same calls in the same order
 
 
-def prepare_once(prepare: Callable[[], T], *, process_index: int | None = None,
-                 process_count: int | None = None,
+def _share_outcome(ok: bool, *, is_source: bool, key: str, timeout_s: float) -> bool:
+  """Barrier that hands every process process 0's outcome (process 0 does not wait).
+
+  Through the coordination service's key-value store rather than a device collective
+  (``sync_global_devices``, ``broadcast_one_to_all``): on CPU, gloo gives up on a collective
+  whose peers do not arrive within 30 s, and preparing a dataset takes minutes.
+  """
+  from jax._src import distributed  # no public API for the store; jax's own code uses this
+
+  client = distributed.global_state.client
+  if client is None:  # multi-process without jax.distributed (not seen in practice)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+  if is_source:
+    client.key_value_set(key, "ok" if ok else "failed")
+    return ok
+  try:
+    return client.blocking_key_value_get(key, int(timeout_s * 1000)) == "ok"
+  except Exception as error:  # DEADLINE_EXCEEDED, coordinator gone
+    raise TimeoutError(f"Gave up waiting for process 0 to prepare the dataset after "
+                       f"{timeout_s:g} s ({type(error).__name__}); see process 0's log.") from None
+
+
+def prepare_once(prepare: Callable[[], T], *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 process_index: int | None = None, process_count: int | None = None,
                  barrier: Callable[[bool], bool] | None = None) -> T:
   """Runs `prepare` on process 0, then, once it has finished, on every other process.
 
@@ -36,10 +59,11 @@ def prepare_once(prepare: Callable[[], T], *, process_index: int | None = None,
   data_dir local to each host they prepare their own copy. (Several processes on one host
   with a host-local data_dir would still race after process 0; give each its own dir.)
 
-  The wait is a collective (``broadcast_one_to_all``, a barrier that also carries whether
-  process 0 succeeded), so if process 0 fails the others raise instead of waiting forever or
-  racing to prepare. `process_index`, `process_count` (default: JAX's) and `barrier`
-  (ok -> process 0's ok) are injectable for tests.
+  The others wait (up to `timeout_s`) on a key process 0 writes to jax.distributed's
+  coordination service when it is done, saying whether it succeeded, so if process 0 fails
+  they raise instead of waiting forever or racing to prepare. `process_index`,
+  `process_count` (default: JAX's) and `barrier` (ok -> process 0's ok) are injectable for
+  tests.
   """
   if process_index is None or process_count is None:
     import jax  # only when needed: single-process data code does not start JAX
@@ -48,7 +72,10 @@ def prepare_once(prepare: Callable[[], T], *, process_index: int | None = None,
     process_count = jax.process_count() if process_count is None else process_count
   if process_count == 1:
     return prepare()
-  barrier = barrier or _broadcast_success
+  if barrier is None:
+    key = f"diffusion_jax/prepare_once/{next(_call_index)}"
+    barrier = lambda ok: _share_outcome(ok, is_source=process_index == 0, key=key,
+                                        timeout_s=timeout_s)
   if process_index == 0:
     try:
       result = prepare()
