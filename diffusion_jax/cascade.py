@@ -75,7 +75,14 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
   """How one stage samples. ``lowres_schedule`` and ``aug_level`` (a time t in [0, 1] of
-  that schedule; Imagen sweeps it, 0 is nearly clean) are for super-resolution stages."""
+  that schedule; Imagen sweeps it, 0 is nearly clean) are for super-resolution stages.
+
+  ``trained_on_crops``: the (super-resolution) stage was trained on random crops, like
+  Imagen's 256 -> 1024 px stage trained on 64 -> 256 px crops. Such a stage is applied
+  fully convolutionally, so it takes a low-res input of any size and only its scale
+  factor must chain; every other stage must get exactly the low-res size it was trained
+  on (``chain_error``).
+  """
 
   resolution: int
   parameterization: str = "v"
@@ -89,6 +96,7 @@ class StageSpec:
   lowres_schedule: str | None = None
   aug_level: float = 0.0
   sampler_options: tuple[tuple[str, Any], ...] = ()
+  trained_on_crops: bool = False
 
   def __post_init__(self):
     samplers.get(self.sampler)
@@ -115,6 +123,36 @@ class StageSpec:
     return cls(**d)
 
 
+def chain_error(previous_resolution: int, resolution: int, trained_lowres: int | None,
+                trained_resolution: int, trained_on_crops: bool) -> str | None:
+  """Why a super-resolution stage cannot follow a stage sampling at
+  ``previous_resolution`` px, or None if it can.
+
+  The U-Net resizes whatever low-res image it gets to its output size, so a mismatch
+  would not fail, it would silently sample a different upsampling than the one trained
+  (a 32 -> 64 px stage after a 64 px stage would make 128 px images).
+  """
+  if trained_lowres is None:
+    return ("its U-Net config has no lowres_resolution, so the low-res size it was "
+            "trained on is unknown; set UNetConfig.lowres_resolution.")
+  if trained_on_crops:
+    scale = trained_resolution / trained_lowres
+    if resolution * trained_lowres != previous_resolution * trained_resolution:
+      return (f"it was trained on {trained_lowres} -> {trained_resolution} px crops (x"
+              f"{scale:g}), so after a {previous_resolution} px stage it must sample at "
+              f"{previous_resolution * scale:g} px, not {resolution} px.")
+    return None
+  if previous_resolution != trained_lowres:
+    return (f"it was trained to upsample {trained_lowres} -> {trained_resolution} px, but "
+            f"the stage before it samples at {previous_resolution} px: put a stage that "
+            f"outputs {trained_lowres} px before it (only a stage trained on random crops, "
+            "config.data.crop='random', may take other sizes).")
+  if resolution != trained_resolution:
+    return (f"it was trained to upsample {trained_lowres} -> {trained_resolution} px, so it "
+            f"must sample at {trained_resolution} px, not {resolution} px.")
+  return None
+
+
 @dataclasses.dataclass
 class Stage:
   model: unet_lib.UNet
@@ -135,18 +173,16 @@ class Cascade:
       raise ValueError("A cascade needs at least one stage.")
     if stages[0].super_resolution:
       raise ValueError("The first stage must be a base (text-to-image) stage.")
-    for prev, stage in zip(stages, stages[1:], strict=False):
+    for number, (prev, stage) in enumerate(zip(stages, stages[1:], strict=False), start=2):
       if not stage.super_resolution:
         raise ValueError("Every stage after the first must be a super-resolution stage.")
       if stage.spec.lowres_schedule is None:
         raise ValueError("A super-resolution stage needs spec.lowres_schedule.")
       cfg = stage.model.config
-      if cfg.lowres_resolution and (stage.spec.resolution * cfg.lowres_resolution !=
-                                    prev.spec.resolution * cfg.resolution):
-        raise ValueError(
-            f"Stage at {stage.spec.resolution} px was trained to upsample "
-            f"{cfg.lowres_resolution} -> {cfg.resolution} px, which does not match the "
-            f"previous stage's {prev.spec.resolution} px.")
+      error = chain_error(prev.spec.resolution, stage.spec.resolution, cfg.lowres_resolution,
+                          cfg.resolution, stage.spec.trained_on_crops)
+      if error:
+        raise ValueError(f"Stage {number} does not chain: {error}")
     self.stages, self.text_encoder = list(stages), text_encoder
     self._compiled: dict[int, Callable] = {}
 

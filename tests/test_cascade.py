@@ -5,7 +5,6 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import training_helpers as th
@@ -51,34 +50,58 @@ def test_two_stage_cascade_shapes_and_ranges(stages, sampler):
 
 
 def test_dynamic_thresholding_keeps_every_stage_x0_in_range(stages, monkeypatch):
-  seen = []
-  original = cascade_lib.stage_model_fn
+  """Observes the x0 estimate where the samplers take it (parameterization.denoise, which
+  every sampler calls on the model_fn the cascade built), for networks that predict x0
+  far outside [-1, 1]. Fails if the cascade stops thresholding any stage."""
+  seen, raw = {}, {}
+  original_denoise = P.denoise
 
-  def recording_model_fn(model, params):
-    fn = original(model, params)
-    return lambda x_t, logsnr, cond: _record(fn(x_t, logsnr, cond), x_t, logsnr)
+  def observed_denoise(model_fn, parameterization):
+    denoise = original_denoise(model_fn, parameterization)
 
-  def _record(prediction, x_t, logsnr):
-    alpha, sigma = alpha_sigma(logsnr)
-    jax.debug.callback(lambda p, x, a, s: seen.append((p, x, a, s)), prediction, x_t,
-                       alpha, sigma)
-    return prediction
+    def recording(x_t, logsnr):
+      x0, eps = denoise(x_t, logsnr)
+      jax.debug.callback(lambda x: seen.setdefault(x.shape[1], []).append(np.asarray(x)), x0)
+      return x0, eps
+    return recording
 
-  monkeypatch.setattr(cascade_lib, "stage_model_fn", recording_model_fn)
-  cascade = cascade_lib.Cascade([cascade_lib.replace_spec(s, guidance_scale=1.0)
-                                 for s in stages], th.HashText())
-  cascade.sample(PROMPTS, jax.random.key(1))
-  assert seen
-  raw_outside = 0
-  for prediction, x_t, alpha, sigma in seen:
-    x0, _ = P.to_x0_eps(prediction, x_t, alpha, sigma, "v")
-    raw_outside += int(np.abs(np.asarray(x0)).max() > 1)
-    thresholded = cascade_lib.guidance.dynamic_threshold(jnp.asarray(x0))
-    assert np.abs(np.asarray(thresholded)).max() <= 1 + 1e-5
-  assert raw_outside > 0  # the random networks do predict x0 outside [-1, 1]
+  original_model_fn = cascade_lib.stage_model_fn
+
+  def large_model_fn(model, params):
+    # The network under guidance and thresholding, scaled to predict x0 of size ~10.
+    fn = original_model_fn(model, params)
+
+    def scaled(x_t, logsnr, cond):
+      prediction = 20.0 * fn(x_t, logsnr, cond)
+      alpha, sigma = alpha_sigma(logsnr)
+      x0, _ = P.to_x0_eps(prediction, x_t, alpha, sigma, "v")
+      jax.debug.callback(lambda x: raw.setdefault(x.shape[1], []).append(np.asarray(x)), x0)
+      return prediction
+    return scaled
+
+  monkeypatch.setattr(samplers.param_lib, "denoise", observed_denoise)
+  monkeypatch.setattr(cascade_lib, "stage_model_fn", large_model_fn)
+  for sampler in ("ddim", "heun"):
+    seen.clear()
+    raw.clear()
+    cascade = cascade_lib.Cascade([cascade_lib.replace_spec(s, sampler=sampler)
+                                   for s in stages], th.HashText())
+    cascade.sample(PROMPTS, jax.random.key(1))
+    assert sorted(seen) == [8, 16], sampler  # both stages' samplers were observed
+    for resolution, estimates in seen.items():
+      assert len(estimates) >= stages[0].spec.num_steps, (sampler, resolution)
+      assert max(np.abs(x0).max() for x0 in estimates) <= 1 + 1e-4, (sampler, resolution)
+      # ... while the network's own x0 estimates were far outside [-1, 1].
+      assert max(np.abs(x0).max() for x0 in raw[resolution]) > 3, (sampler, resolution)
 
 
-def test_same_seed_same_images_and_image_alone_equals_batch(stages):
+@pytest.mark.parametrize("sampler,options", [
+    ("ddim", ()), ("ddpm", ()), ("euler", (("churn", 10.0),))])
+def test_same_seed_same_images_and_image_alone_equals_batch(stages, sampler, options):
+  # ddpm and euler with churn draw fresh noise every step: image i alone must draw the
+  # same noise as image i of the batch, at every step of both stages.
+  stages = [cascade_lib.replace_spec(s, sampler=sampler, sampler_options=options)
+            for s in stages]
   cascade = cascade_lib.Cascade(stages, th.HashText())
   a = cascade.sample(PROMPTS, jax.random.key(7))
   b = cascade.sample(PROMPTS, jax.random.key(7))
@@ -107,11 +130,43 @@ def test_bad_cascades(stages):
     cascade_lib.Cascade([stages[1]], th.HashText())
   with pytest.raises(ValueError, match="after the first must be a super-resolution"):
     cascade_lib.Cascade([stages[0], stages[0]], th.HashText())
-  wrong = dataclasses.replace(stages[1], spec=dataclasses.replace(stages[1].spec,
-                                                                  resolution=32))
-  with pytest.raises(ValueError, match="does not match"):
-    cascade_lib.Cascade([stages[0], wrong], th.HashText())
   with pytest.raises(ValueError, match="aug_level"):
     cascade_lib.StageSpec(resolution=8, aug_level=2.0)
   with pytest.raises(FileNotFoundError, match="not an exported stage"):
     cascade_lib.load_exported_stage("/nonexistent")
+
+
+def _with_spec(stage, **changes):
+  return dataclasses.replace(stage, spec=dataclasses.replace(stage.spec, **changes))
+
+
+def test_stages_must_chain_at_the_trained_lowres_size(stages):
+  base, sr = stages  # base samples 8 px; sr was trained to upsample 8 -> 16 px
+  cascade_lib.Cascade([base, sr], th.HashText())
+  # A 16 px base before it: the U-Net would resize the 16 px image down to its 8 px input
+  # and silently sample an upsampling it never learnt.
+  with pytest.raises(ValueError, match=r"Stage 2 does not chain: it was trained to upsample "
+                                       r"8 -> 16 px, but the stage before it samples at 16 px"):
+    cascade_lib.Cascade([_with_spec(base, resolution=16), sr], th.HashText())
+  with pytest.raises(ValueError, match="must sample at 16 px, not 32 px"):
+    cascade_lib.Cascade([base, _with_spec(sr, resolution=32)], th.HashText())
+  with pytest.raises(ValueError, match="Stage 3 does not chain"):
+    cascade_lib.Cascade([base, sr, sr], th.HashText())
+  # Trained on random crops: fully convolutional, only the x2 scale must chain.
+  crops = _with_spec(sr, trained_on_crops=True, resolution=32)
+  cascade_lib.Cascade([_with_spec(base, resolution=16), crops], th.HashText())
+  with pytest.raises(ValueError, match=r"trained on 8 -> 16 px crops \(x2\), so after a 16 "
+                                       r"px stage it must sample at 32 px, not 24 px"):
+    cascade_lib.Cascade([_with_spec(base, resolution=16), _with_spec(crops, resolution=24)],
+                        th.HashText())
+  assert "no lowres_resolution" in cascade_lib.chain_error(8, 16, None, 16, False)
+
+
+def test_stage_trained_on_crops_samples_at_its_scale_factor(stages):
+  base = _with_spec(stages[0], resolution=16, num_steps=2, guidance_scale=1.0)
+  crops = _with_spec(stages[1], resolution=32, num_steps=2, guidance_scale=1.0,
+                     trained_on_crops=True)
+  out = cascade_lib.Cascade([base, crops], th.HashText()).sample(PROMPTS[:1],
+                                                                 jax.random.key(0))
+  assert [o.shape for o in out] == [(1, 16, 16, 3), (1, 32, 32, 3)]
+  assert all(np.all(np.isfinite(o)) for o in out)
