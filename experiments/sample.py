@@ -4,9 +4,14 @@ r"""Samples prompts through a cascade of trained stages (base stage first).
       --prompts="a red triangle" --prompts="two blue circles" --outdir=runs/demo/samples
 
 Writes a captioned grid per stage (stage1_32px.png, ...), every image alone
-(images/0003_64px.png) and samples.json with everything needed to regenerate them:
-image i alone comes back with --prompts=<its prompt> --first_index=i and the same seed
-and settings.
+(images/0003_64px.png) and samples.json with everything needed to regenerate them: the
+checkpoint step each stage was loaded from, every stage's settings, and the command that
+brings image i back alone (--prompts=<its prompt> --first_index=i, the same seed and
+--checkpoint_steps, so it still holds after training continues).
+
+A super-resolution stage must follow a stage sampling at the low-res size it was trained
+on (unless it was trained on random crops, config.data.crop='random': then only its
+scale factor has to chain). Bad input stops with one line saying what to fix.
 """
 
 import pathlib
@@ -31,7 +36,10 @@ flags.DEFINE_integer("steps", None, "Sampling steps (all stages).")
 flags.DEFINE_list("guidance_scale", None, "Guidance scale: one value, or one per stage.")
 flags.DEFINE_string("threshold", None, "none | static | dynamic.")
 flags.DEFINE_float("percentile", None, "Dynamic-thresholding percentile in (0, 1].")
-flags.DEFINE_float("aug_level", None, "Low-res augmentation level t in [0, 1] (SR stages).")
+flags.DEFINE_list("aug_level", None, "Low-res augmentation level t in [0, 1]: one value, "
+                  "or one per super-resolution stage.")
+flags.DEFINE_list("checkpoint_steps", None, "Checkpoint step to load per --workdirs entry "
+                  "(an integer or 'latest'); samples.json records the steps loaded.")
 flags.DEFINE_string("export_dir", None, "Also export the loaded stages here (stage_1, ...).")
 flags.mark_flags_as_required(["outdir"])
 

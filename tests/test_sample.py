@@ -1,0 +1,195 @@
+"""experiments/sample.py end to end on two stages trained here for two steps (a base
+stage at 8 px and an 8 -> 16 px super-resolution stage, the demo presets at tiny sizes,
+the offline T5): grids, single images, samples.json, regenerating one image alone from
+its record, and one-line errors on bad input."""
+
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import training_helpers as th
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "experiments" / "sample.py"
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import builders  # noqa: E402
+
+from configs import demo_base, demo_sr  # noqa: E402
+from diffusion_jax import images  # noqa: E402
+from diffusion_jax.models import unet as unet_lib  # noqa: E402
+from diffusion_jax.training import loop as loop_lib  # noqa: E402
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+
+
+def _tiny(config, resolution, lowres=None):
+  config.data.resolution = resolution
+  config.diffusion.schedule_kwargs.resolution = resolution
+  config.diffusion.schedule_kwargs.base_resolution = lowres or resolution
+  if lowres:
+    config.data.lowres_resolution = lowres
+  config.text.encoder, config.text.max_length, config.text.cache_dir = "t5-offline", 32, None
+  config.train.batch_size, config.train.num_steps = 4, 2
+  config.train.checkpoint_every, config.train.preview_every = 1, 0
+  return config
+
+
+def _train(workdir, config):
+  """Two steps with the experiment's own settings, on in-memory shapes (no TFDS)."""
+  d = config.data
+  loop_lib.train(
+      workdir, model=unet_lib.UNet(builders.unet_config(config)),
+      loop=builders.loop_settings(config), step_settings=builders.step_settings(config),
+      optimizer=builders.optimizer_settings(config),
+      data_factory=lambda: th.ShapesIterator(config.train.batch_size, d.resolution,
+                                             d.lowres_resolution),
+      text_encoder=builders.text_encoder(config), config_json=config.to_dict(),
+      log=lambda s: None)
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("stages")
+  base = _train(root / "base", _tiny(demo_base.get_config("smoke"), 8))
+  sr = _train(root / "sr", _tiny(demo_sr.get_config("smoke"), 16, lowres=8))
+  return base, sr
+
+
+def _sample(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, str(SAMPLE), *args], capture_output=True, text=True,
+                        timeout=900, cwd=cwd)
+
+
+def _error_line(r):
+  assert r.returncode != 0, r.stdout[-2000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, r.stderr[-3000:]
+  return errors[0]
+
+
+def _png(path):
+  return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def sampled(workdirs, tmp_path_factory):
+  out = tmp_path_factory.mktemp("samples")
+  # ddpm draws fresh noise every step, so regenerating an image alone checks that every
+  # draw is per image; checkpoint 1 of the SR stage checks --checkpoint_steps.
+  r = _sample(f"--workdirs={','.join(workdirs)}", *[f"--prompts={p}" for p in PROMPTS],
+              f"--outdir={out}", "--sampler=ddpm", "--steps=3", "--guidance_scale=2,1.5",
+              "--aug_level=0.2", "--checkpoint_steps=latest,1", "--seed=5")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "stage 1/2: 8 px" in r.stdout and "stage 2/2: 16 px" in r.stdout
+  return out
+
+
+def test_sample_writes_grids_images_and_record(sampled, workdirs):
+  record = json.loads((sampled / "samples.json").read_text())
+  assert record["prompts"] == PROMPTS and record["seed"] == 5 and record["first_index"] == 0
+  assert record["checkpoint_steps"] == [2, 1]
+  base, sr = record["stages"]
+  assert (base["source"], base["step"], base["resolution"]) == (workdirs[0], 2, 8)
+  assert (sr["source"], sr["step"], sr["resolution"]) == (workdirs[1], 1, 16)
+  assert [s["guidance_scale"] for s in record["stages"]] == [2.0, 1.5]
+  assert sr["aug_level"] == 0.2 and sr["sampler"] == "ddpm" and sr["num_steps"] == 3
+  assert "--checkpoint_steps=2,1" in record["regenerate"]
+  for number, res in ((1, 8), (2, 16)):
+    singles = np.stack([_png(sampled / "images" / f"{i:04d}_{res}px.png") for i in range(3)])
+    assert singles.shape == (3, res, res, 3) and singles.dtype == np.uint8
+    assert singles.std() > 0 and not np.array_equal(singles[0], singles[1])
+    # The stage's grid is exactly its single images tiled with their captions.
+    expected = images.make_grid(singles, PROMPTS, columns=3, scale=128 // res)
+    np.testing.assert_array_equal(_png(sampled / f"stage{number}_{res}px.png"), expected)
+
+
+def test_regenerate_image_alone_from_the_record(sampled, tmp_path):
+  record = json.loads((sampled / "samples.json").read_text())
+  i = 2
+  command = record["regenerate"].replace("<prompt i>", PROMPTS[i]).replace(
+      "<i>", str(i)).replace("<dir>", str(tmp_path))
+  args = shlex.split(command)
+  assert args[:2] == ["python", "experiments/sample.py"]
+  r = _sample(*args[2:])
+  assert r.returncode == 0, r.stderr[-3000:]
+  alone = json.loads((tmp_path / "samples.json").read_text())
+  assert alone["checkpoint_steps"] == [2, 1] and alone["first_index"] == i
+  assert {p.name for p in (tmp_path / "images").iterdir()} == {f"{i:04d}_8px.png",
+                                                               f"{i:04d}_16px.png"}
+  for res in (8, 16):
+    batch = _png(sampled / "images" / f"{i:04d}_{res}px.png").astype(int)
+    single = _png(tmp_path / "images" / f"{i:04d}_{res}px.png").astype(int)
+    # Batch size changes XLA's float rounding by ~1e-6, which can move a pixel across a
+    # uint8 rounding boundary; a different image would differ by far more.
+    assert np.abs(batch - single).max() <= 1, res
+    other = _png(sampled / "images" / f"{i - 1:04d}_{res}px.png").astype(int)
+    assert np.abs(other - single).max() > 1
+
+
+def test_missing_prompt_file(workdirs, tmp_path):
+  r = _sample(f"--workdirs={','.join(workdirs)}", f"--prompts_file={tmp_path / 'no.txt'}",
+              f"--outdir={tmp_path / 'out'}")
+  assert f"--prompts_file {tmp_path / 'no.txt'} does not exist" in _error_line(r)
+  assert not (tmp_path / "out").exists()
+
+
+def test_zero_prompts(workdirs, tmp_path):
+  empty = tmp_path / "prompts.txt"
+  empty.write_text("\n  \n")
+  r = _sample(f"--workdirs={','.join(workdirs)}", f"--prompts_file={empty}",
+              f"--outdir={tmp_path / 'out'}")
+  assert "holds no prompts (blank lines are skipped)" in _error_line(r)
+  r = _sample(f"--workdirs={','.join(workdirs)}", f"--outdir={tmp_path / 'out'}")
+  assert "No prompts: pass --prompts=" in _error_line(r)
+  assert not (tmp_path / "out").exists()
+
+
+def test_stage_resolution_that_does_not_chain(workdirs, tmp_path):
+  # base 8 px -> SR 8->16 px -> the same SR stage again, which would get 16 px inputs
+  # for an 8 px low-res conditioning (and silently sample 32 px without the check).
+  base, sr = workdirs
+  r = _sample(f"--workdirs={base},{sr},{sr}", "--prompts=a red circle",
+              f"--outdir={tmp_path / 'out'}")
+  line = _error_line(r)
+  assert f"error: {sr} does not chain with the stage before it: it was trained to " \
+         "upsample 8 -> 16 px, but the stage before it samples at 16 px" in line
+  r = _sample(f"--workdirs={sr},{base}", "--prompts=a red circle",
+              f"--outdir={tmp_path / 'out'}")
+  assert "the first stage of a cascade must be a base stage" in _error_line(r)
+  assert not (tmp_path / "out").exists()
+
+
+def _flags(workdirs, tmp_path, **changes):
+  values = dict(workdirs=list(workdirs), stages=[], prompts=["a red circle"],
+                prompts_file=None, outdir=str(tmp_path / "out"), seed=0, first_index=0,
+                sampler=None, steps=None, guidance_scale=None, threshold=None,
+                percentile=None, aug_level=None, checkpoint_steps=None, export_dir=None)
+  values.update(changes)
+  return types.SimpleNamespace(**values)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(checkpoint_steps=["2", "7"]), "has no checkpoint at step 7; it has steps [1, 2]"),
+    (dict(checkpoint_steps=["2", "1", "1"]), "--checkpoint_steps needs 1 or 2 values"),
+    (dict(checkpoint_steps=["two", "1"]), "--checkpoint_steps=two,1: not a list of numbers"),
+    (dict(aug_level=["0.1", "0.2"]), "--aug_level needs 1 value (one per super-resolution"),
+    (dict(aug_level=["1.5"]), "aug_level must lie in [0, 1], got 1.5"),
+    (dict(guidance_scale=["1", "2", "3"]), "--guidance_scale needs 1 or 2 values"),
+    (dict(guidance_scale=["strong"]), "--guidance_scale=strong: not a list of numbers"),
+    (dict(first_index=-1), "--first_index=-1; it must be >= 0"),
+    (dict(stages=["x"]), "either as --workdirs (training runs) or as --stages"),
+])
+def test_bad_sampling_flags_fail_before_loading(workdirs, tmp_path, changes, message):
+  with pytest.raises(builders.UserError) as e:
+    builders.run_sampling(_flags(workdirs, tmp_path, **changes))
+  assert message in str(e.value) and "\n" not in str(e.value)
+  assert not (tmp_path / "out").exists()
