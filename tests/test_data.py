@@ -356,8 +356,8 @@ def test_outcome_of_process_0_travels_through_the_coordination_service(monkeypat
   store = {}
 
   class Client:  # the two methods of jax.distributed's client that prepare_once uses
-    def key_value_set(self, key, value):
-      assert key not in store
+    def key_value_set(self, key, value, allow_overwrite=False):
+      assert allow_overwrite or key not in store
       store[key] = value
 
     def blocking_key_value_get(self, key, timeout_in_ms):
@@ -368,6 +368,7 @@ def test_outcome_of_process_0_travels_through_the_coordination_service(monkeypat
   monkeypatch.setattr(distributed.global_state, "client", Client())
   share = functools.partial(multihost._share_outcome, timeout_s=0.5)
   assert share(True, is_source=True, key="a") and store == {"a": "ok"}
+  assert share(True, is_source=True, key="a")  # a second preparation of the same data
   assert share(True, is_source=False, key="a")
   assert not share(False, is_source=True, key="b")
   assert not share(True, is_source=False, key="b")
@@ -385,10 +386,10 @@ _PREPARE_WORKER = textwrap.dedent("""
     def prepare():
       found = shapes_tfds.shapes_builder(data_dir, 16, 16).is_prepared()
       if process_id == 0:
-        time.sleep(2)  # without the barrier, process 1 would look now and prepare too
-      return shapes_tfds.prepare_shapes(data_dir, 16, 16), found
+        time.sleep(2)  # without the wait, process 1 would look now and prepare too
+      return shapes_tfds.prepare_shapes(data_dir, 16, 16, log=print), found
 
-    name, found = multihost.prepare_once(prepare)
+    name, found = multihost.prepare_once(prepare, key="shapes/16px_16")
     print(json.dumps({"name": name, "found_prepared": found}))
 """)
 
@@ -416,3 +417,4 @@ def test_prepare_once_with_two_jax_processes(tmp_path):
   results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
   assert [r["name"] for r in results] == ["shapes/16px_16"] * 2
   assert [r["found_prepared"] for r in results] == [False, True]
+  assert "Preparing shapes/16px_16" in outputs[0][0] and "Preparing" not in outputs[1][0]

@@ -2,11 +2,10 @@
 
     name = prepare_once(lambda: shapes_tfds.prepare_shapes(data_dir, 32, 20_000))
 
-Every process must make this call, whether or not the data looks prepared to it: calls are
-paired across processes by their order, and the others wait for process 0's call to finish, so a
-process 0 that skipped it would leave them waiting until the timeout (and a process that skipped
-it because process 0 had finished by the time it looked would pair its next call wrongly). Put
-the "already prepared?" check inside `prepare`, where it runs after the wait.
+Every process must make this call, whether or not the data looks prepared to it: the others
+wait for process 0's call, so a process 0 that skipped it (its host-local data_dir was prepared by
+an earlier run, say) would leave them waiting until the timeout. Put the "already prepared?" check
+inside `prepare`, where it runs on process 0 first and on the others after the wait.
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ def _share_outcome(ok: bool, *, is_source: bool, key: str, timeout_s: float) -> 
 
     return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
   if is_source:
-    client.key_value_set(key, "ok" if ok else "failed")
+    # Overwritable: a second call with the same key (already prepared) must not fail.
+    client.key_value_set(key, "ok" if ok else "failed", allow_overwrite=True)
     return ok
   try:
     return client.blocking_key_value_get(key, int(timeout_s * 1000)) == "ok"
@@ -47,8 +47,9 @@ def _share_outcome(ok: bool, *, is_source: bool, key: str, timeout_s: float) -> 
                        f"{timeout_s:g} s ({type(error).__name__}); see process 0's log.") from None
 
 
-def prepare_once(prepare: Callable[[], T], *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 process_index: int | None = None, process_count: int | None = None,
+def prepare_once(prepare: Callable[[], T], *, key: str | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, process_index: int | None = None,
+                 process_count: int | None = None,
                  barrier: Callable[[bool], bool] | None = None) -> T:
   """Runs `prepare` on process 0, then, once it has finished, on every other process.
 
@@ -61,7 +62,8 @@ def prepare_once(prepare: Callable[[], T], *, timeout_s: float = DEFAULT_TIMEOUT
 
   The others wait (up to `timeout_s`) on a key process 0 writes to jax.distributed's
   coordination service when it is done, saying whether it succeeded, so if process 0 fails
-  they raise instead of waiting forever or racing to prepare. `process_index`,
+  they raise instead of waiting forever or racing to prepare. `key` names the preparation
+  (e.g. the dataset and data_dir); by default calls are paired by their order. `process_index`,
   `process_count` (default: JAX's) and `barrier` (ok -> process 0's ok) are injectable for
   tests.
   """
@@ -73,8 +75,8 @@ def prepare_once(prepare: Callable[[], T], *, timeout_s: float = DEFAULT_TIMEOUT
   if process_count == 1:
     return prepare()
   if barrier is None:
-    key = f"diffusion_jax/prepare_once/{next(_call_index)}"
-    barrier = lambda ok: _share_outcome(ok, is_source=process_index == 0, key=key,
+    name = f"diffusion_jax/prepare_once/{next(_call_index) if key is None else key}"
+    barrier = lambda ok: _share_outcome(ok, is_source=process_index == 0, key=name,
                                         timeout_s=timeout_s)
   if process_index == 0:
     try:

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -147,15 +148,21 @@ def shapes_builder(data_dir: str, resolution: int, num_train: int, seed: int = 0
 
 
 def prepare_shapes(data_dir: str, resolution: int = 32, num_train: int = 20_000, seed: int = 0,
-                   max_objects: int = 3) -> str:
+                   max_objects: int = 3, log: Callable[[str], None] | None = None) -> str:
   """Writes the dataset into `data_dir` unless already there; returns its name 'shapes/<config>'.
 
-  Idempotent: a prepared config is left untouched.
+  Idempotent: a prepared config is left untouched. `log` (e.g. print), if given, gets one line
+  before preparing, which then replaces TFDS's progress bars.
   """
   builder = shapes_builder(data_dir, resolution, num_train, seed, max_objects)
+  name = f"shapes/{builder.builder_config.name}"
   if not builder.is_prepared():
+    if log is not None:
+      log(f"Preparing {name} in {data_dir} (once) ...")
+      tfds.disable_progress_bar()
+    os.makedirs(data_dir, exist_ok=True)
     builder.download_and_prepare()
-  return f"shapes/{builder.builder_config.name}"
+  return name
 
 
 def prepare_command(data_dir: str, config: str) -> str:
