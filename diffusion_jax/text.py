@@ -238,6 +238,20 @@ class TextEncoder:
     """The encoder's parameters (initial values when a train state owns them)."""
     return self._params
 
+  def param_boxes(self) -> Any:
+    """The params' abstract tree (ShapeDtypeStructs) boxed with logical axis names, so a
+    train state that owns them can shard them with the same rules as the U-Net."""
+    dummy = jax.ShapeDtypeStruct((1, 8), jnp.int32), jax.ShapeDtypeStruct((1, 8), bool)
+    return jax.eval_shape(self.module.init, jax.random.key(0), *dummy)["params"]
+
+  def with_params(self, params: Any, encoder_id: str) -> TextEncoder:
+    """A frozen copy of this encoder with other params (e.g. the EMA params of a jointly
+    trained encoder, read from its run's checkpoint) under a new ``encoder_id``, so cache
+    keys never mix its embeddings with the original's."""
+    return type(self)(self.module, params, self.tokenizer, encoder_id=encoder_id,
+                      width=self._width, max_length=self._max_length, trainable=False,
+                      mesh=self.mesh, rules=self.rules)
+
   def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> (tokens [B, L] int32, mask [B, L] bool), right-padded to max_length."""
     prompts = check_prompts(prompts)
@@ -331,7 +345,8 @@ def _load_tokenizer(directory: pathlib.Path) -> Any:
 
 
 class EmbeddingCache:
-  """On-disk cache of ``encoder.encode`` results, one ``.npz`` file per caption.
+  """On-disk cache of ``encoder.encode`` results, one ``.npz`` file per caption, with an
+  in-memory layer in front.
 
   Key: sha256 of (encoder id, max length, caption). An entry holds the mask [L] and only
   the valid rows of the embeddings [mask.sum(), D] (padding rows are zero by contract), so
@@ -339,16 +354,38 @@ class EmbeddingCache:
   ``directory/<key[:2]>/<key>.npz`` and are written to a temporary file then renamed
   (``os.replace`` is atomic), so a crash never leaves a partial entry; an unreadable entry
   is recomputed with a warning.
+
+  Every entry read or computed is also kept in memory (the same compact rows, oldest
+  dropped first beyond ``memory_bytes``), so a training run that sees each caption many
+  times reads each file once: a dataset's worth of captions (the shapes dataset: ~5k, a
+  few tens of MiB for MiniLM) then costs no file reads at all after the first epoch.
   """
 
   def __init__(self, directory: str | os.PathLike, encoder: TextEncoder, *,
-               batch_size: int = 64):
+               batch_size: int = 64, memory_bytes: int = 1 << 30):
     if encoder.trainable:
       raise ValueError("EmbeddingCache needs a frozen encoder: a trainable encoder's "
                        "embeddings change as it trains.")
     self.directory = pathlib.Path(directory)
     self.encoder, self.batch_size = encoder, batch_size
     self.hits = self.misses = 0
+    self.memory_bytes = memory_bytes
+    self._memory: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # caption -> (rows, mask)
+    self._memory_used = 0
+
+  def _remember(self, caption: str, rows: np.ndarray, mask: np.ndarray) -> None:
+    if caption in self._memory or rows.nbytes + mask.nbytes > self.memory_bytes:
+      return
+    self._memory[caption] = (rows, mask)
+    self._memory_used += rows.nbytes + mask.nbytes
+    while self._memory_used > self.memory_bytes:  # dicts keep insertion order: FIFO
+      old_rows, old_mask = self._memory.pop(next(iter(self._memory)))
+      self._memory_used -= old_rows.nbytes + old_mask.nbytes
+
+  def _expand(self, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    embeddings = np.zeros((self.encoder.max_length, self.encoder.width), np.float32)
+    embeddings[mask] = rows
+    return embeddings
 
   def key(self, caption: str) -> str:
     record = json.dumps([self.encoder.encoder_id, self.encoder.max_length, caption])
@@ -359,7 +396,11 @@ class EmbeddingCache:
     return self.directory / key[:2] / f"{key}.npz"
 
   def lookup(self, caption: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(embeddings [L, D], mask [L]) of a cached caption, or None."""
+    """(embeddings [L, D], mask [L]) of a cached caption (from memory, else its file), or
+    None."""
+    if caption in self._memory:
+      rows, mask = self._memory[caption]
+      return self._expand(rows, mask), mask
     path = self.path(caption)
     if not path.is_file():
       return None
@@ -374,9 +415,8 @@ class EmbeddingCache:
       warnings.warn(f"Embedding cache entry {path} is unreadable ({e}); recomputing it.",
                     stacklevel=3)
       return None
-    embeddings = np.zeros((length, width), np.float32)
-    embeddings[mask] = rows
-    return embeddings, mask
+    self._remember(caption, rows, mask)
+    return self._expand(rows, mask), mask
 
   def _store(self, caption: str, embeddings: np.ndarray, mask: np.ndarray) -> None:
     path = self.path(caption)
@@ -406,16 +446,19 @@ class EmbeddingCache:
       embeddings, mask = self.encoder.encode(chunk + [""] * (bucket - len(chunk)))
       for i, caption in enumerate(chunk):
         self._store(caption, embeddings[i], mask[i])
+        self._remember(caption, embeddings[i][mask[i]], mask[i].copy())
         found[caption] = (embeddings[i], mask[i])
     return (np.stack([found[c][0] for c in captions]),
             np.stack([found[c][1] for c in captions]))
 
   def precompute(self, captions: Iterable[str]) -> int:
-    """Fills the cache for a dataset's captions (hits are not read); returns how many new."""
+    """Fills the cache for a dataset's captions (entries already on disk are not read);
+    returns how many were new. The new ones stay in memory too."""
     captions = list(captions)
     if not captions:
       return 0
-    todo = [c for c in dict.fromkeys(check_prompts(captions)) if not self.path(c).is_file()]
+    todo = [c for c in dict.fromkeys(check_prompts(captions))
+            if c not in self._memory and not self.path(c).is_file()]
     for start in range(0, len(todo), self.batch_size):
       self.encode_cached(todo[start:start + self.batch_size])
     return len(todo)

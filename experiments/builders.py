@@ -114,26 +114,91 @@ def loop_settings(config: ml_collections.ConfigDict) -> loop_lib.LoopSettings:
 
 
 class CachedTextEncoder:
-  """A TextEncoder whose encode() goes through an on-disk EmbeddingCache."""
+  """A frozen TextEncoder whose encode() goes through an EmbeddingCache (files on disk,
+  each read once, then kept in memory)."""
 
   def __init__(self, encoder: text_lib.TextEncoder, cache: text_lib.EmbeddingCache):
     self.encoder, self.cache = encoder, cache
+
+  @property
+  def encoder_id(self) -> str:
+    return self.encoder.encoder_id
+
+  @property
+  def width(self) -> int:
+    return self.encoder.width
 
   def encode(self, prompts):
     return self.cache.encode_cached(list(prompts))
 
 
+def process_local_mesh(config: ml_collections.ConfigDict):
+  """A mesh over this process's devices only (the config's model-axis size if it divides
+  them), for an encoder that encodes this process's own captions."""
+  import jax
+
+  local = jax.local_devices()
+  model = config.mesh.model if config.mesh.model > 0 and not len(local) % config.mesh.model \
+      else 1
+  return sharding.make_mesh({"data": -1, "model": model}, devices=local)
+
+
 def text_encoder(config: ml_collections.ConfigDict, mesh=None):
-  """The configured text encoder (wrapped in its embedding cache if one is set)."""
+  """The configured text encoder, wrapped in its embedding cache if one is set.
+
+  ``mesh``: where its params live. A frozen encoder that the training loop calls on the
+  host must be process-local (``process_local_mesh``): every process encodes its own
+  captions, which ``TextEncoder.encode`` on a mesh spanning processes cannot do. A
+  trainable encoder (``config.text.trainable``) belongs on the training mesh: its params
+  join the train state.
+  """
   t = config.text
+  trainable = bool(t.get("trainable", False))
+  cache_dir = t.get("cache_dir")
+  if trainable and cache_dir:
+    raise ConfigError("config.text.trainable=True trains the encoder, so its embeddings "
+                      f"cannot be cached in config.text.cache_dir={cache_dir!r}; unset it "
+                      "(--config.text.cache_dir=).")
   try:
     encoder = text_lib.TextEncoder.from_pretrained(t.encoder, max_length=t.max_length,
-                                                   mesh=mesh, rules=RULES[config.mesh.rules])
+                                                   mesh=mesh, rules=RULES[config.mesh.rules],
+                                                   trainable=trainable)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(f"config.text.encoder={t.encoder!r}: {e}") from None
-  if t.cache_dir is None:
+  if not cache_dir:  # None, or '' from --config.text.cache_dir=
     return encoder
-  return CachedTextEncoder(encoder, text_lib.EmbeddingCache(t.cache_dir, encoder))
+  return CachedTextEncoder(encoder, text_lib.EmbeddingCache(cache_dir, encoder))
+
+
+def sampling_text_encoder(configs, workdirs, steps=None):
+  """The one frozen text encoder a cascade of training workdirs samples with.
+
+  The configured encoder; or, when a run trained its encoder with its U-Net
+  (``config.text.trainable``), that encoder with the EMA params of the run's checkpoint
+  (at ``steps[0]``, default the latest) under an id of its own. Such a stage is sampled
+  alone: the stages of a cascade share one encoder, and every other stage was trained
+  on other embeddings.
+  """
+  from diffusion_jax.training import loop as loop_lib
+
+  first = configs[0]
+  text_config = ml_collections.ConfigDict({
+      "text": dict(first.text.to_dict(), cache_dir=None, trainable=False),
+      "mesh": first.mesh.to_dict()})
+  encoder = text_encoder(text_config)
+  trained = [w for w, c in zip(workdirs, configs, strict=True)
+             if c.text.get("trainable", False)]
+  if not trained:
+    return encoder
+  if len(workdirs) > 1:
+    raise UserError(f"{trained[0]} trained its own text encoder (config.text.trainable=True)"
+                    ", but the stages of a cascade share one: sample that stage alone.")
+  step = steps[0] if steps else None
+  try:
+    params, step = loop_lib.restore_text_ema_params(workdirs[0], encoder, step)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(str(e)) from None
+  return encoder.with_params(params, f"{encoder.encoder_id}+trained:{workdirs[0]}@{step}")
 
 
 def dataset_name(config: ml_collections.ConfigDict) -> str:
@@ -184,16 +249,48 @@ def data_factory(config: ml_collections.ConfigDict):
   return make
 
 
+def dataset_captions(config: ml_collections.ConfigDict) -> list[str] | None:
+  """Every caption of the training split when they can be listed cheaply, else None: the
+  shapes dataset's (read from its prepared split without decoding images, ~2 s for 20k)
+  or a class-label dataset's (its caption template over the label names)."""
+  import tensorflow_datasets as tfds
+
+  d = config.data
+  if d.label_key is not None:
+    builder = tfds.builder(dataset_name(config), data_dir=d.data_dir)
+    names = getattr(builder.info.features[d.label_key], "names", None)
+    if not names:
+      return None
+    return [d.caption_template.format(label=n.replace("_", " ")) for n in names]
+  if d.dataset != "shapes":
+    return None  # an open-ended caption set: encoded (and cached) as batches arrive
+  builder = tfds.builder(dataset_name(config), data_dir=d.data_dir)
+  source = builder.as_data_source(split=d.split,
+                                  decoders={d.image_key: tfds.decode.SkipDecoding()})
+  examples = source.__getitems__(range(len(source)))
+  captions = (e[d.caption_key] for e in examples)
+  return [c.decode() if isinstance(c, bytes) else str(c) for c in captions]
+
+
 def run_training(config: ml_collections.ConfigDict, workdir: str):
   """Validates the whole config, then trains (resuming from ``workdir`` if possible)."""
+  import jax
+
   from diffusion_jax.training import loop as loop_lib
 
   dist = config.distributed
-  sharding.maybe_initialize_distributed(dist.coordinator_address, dist.num_processes,
-                                        dist.process_id)
+  try:
+    sharding.maybe_initialize_distributed(dist.coordinator_address, dist.num_processes,
+                                          dist.process_id)
+  except ValueError as e:
+    raise ConfigError(f"config.distributed: {e}.") from None
   model_cfg = unet_config(config)
   steps, optimizer, loop = step_settings(config), optimizer_settings(config), \
       loop_settings(config)
+  try:
+    loop_lib.check_workdir(workdir)  # before minutes of loading data and the encoder
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   try:
     mesh = sharding.make_mesh(dict(loop.mesh_axes))
   except ValueError as e:
@@ -201,8 +298,18 @@ def run_training(config: ml_collections.ConfigDict, workdir: str):
   if loop.batch_size % mesh.shape["data"]:
     raise ConfigError(f"config.train.batch_size={loop.batch_size} must divide by the "
                       f"mesh's data axis ({mesh.shape['data']} devices).")
-  encoder = text_encoder(config, mesh)
+  trainable = bool(config.text.trainable)
+  encoder = text_encoder(config, mesh if trainable else process_local_mesh(config))
   factory = data_factory(config)
+  if isinstance(encoder, CachedTextEncoder):
+    captions = dataset_captions(config)
+    if captions:
+      # Each process fills its share; on a shared cache_dir that is all of them, and the
+      # rest of a local one is filled as batches arrive.
+      mine = captions[jax.process_index()::jax.process_count()]
+      new = encoder.cache.precompute(mine)
+      print(f"Text embedding cache {config.text.cache_dir}: {len(set(mine))} captions, "
+            f"{new} newly encoded.", flush=True)
   try:
     return loop_lib.train(
         workdir, model=unet_lib.UNet(model_cfg), loop=loop, step_settings=steps,
@@ -331,10 +438,7 @@ def load_cascade(workdirs=(), exported=(), *, checkpoint_steps=None, per_stage=N
     if len(texts) > 1:
       raise UserError(f"The stages were trained with different text encoders {sorted(texts)};"
                       " a cascade needs one.")
-    text_config = ml_collections.ConfigDict({"text": dict(configs[0].text.to_dict(),
-                                                          cache_dir=None),
-                                             "mesh": configs[0].mesh.to_dict()})
-    encoder = text_encoder(text_config)
+    encoder = sampling_text_encoder(configs, workdirs, checkpoint_steps)
     text_meta = {"encoder": configs[0].text.encoder, "max_length": configs[0].text.max_length,
                  "id": encoder.encoder_id}
     previous = None

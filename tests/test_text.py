@@ -138,14 +138,38 @@ def test_cache_key_depends_on_encoder_and_length(encoder, tmp_path):
 
 
 def test_corrupt_entry_is_recomputed_with_a_warning(encoder, tmp_path):
-  cache = EmbeddingCache(tmp_path, encoder)
-  good, _ = cache.encode_cached(["a red circle"])
-  cache.path("a red circle").write_bytes(b"truncated garbage")
+  good, _ = EmbeddingCache(tmp_path, encoder).encode_cached(["a red circle"])
+  EmbeddingCache(tmp_path, encoder).path("a red circle").write_bytes(b"truncated garbage")
   with pytest.warns(UserWarning, match="unreadable .*recomputing"):
-    again, _ = cache.encode_cached(["a red circle"])
+    again, _ = EmbeddingCache(tmp_path, encoder).encode_cached(["a red circle"])
   np.testing.assert_allclose(again, good, atol=1e-6)
-  third, _ = cache.encode_cached(["a red circle"])  # Repaired on disk.
+  reader = EmbeddingCache(tmp_path, encoder)
+  third, _ = reader.encode_cached(["a red circle"])  # Repaired on disk.
   np.testing.assert_array_equal(third, again)
+  assert (reader.hits, reader.misses) == (1, 0)
+
+
+def test_each_entry_is_read_from_disk_once_then_from_memory(encoder, tmp_path):
+  EmbeddingCache(tmp_path, encoder).precompute(["one", "two", "three"])
+  cache = EmbeddingCache(tmp_path, encoder)
+  first, first_mask = cache.encode_cached(["one", "two"])
+  for caption in ("one", "two"):
+    cache.path(caption).unlink()  # Gone from disk: only memory can answer now.
+  second, second_mask = cache.encode_cached(["two", "one"])
+  np.testing.assert_array_equal(second, first[::-1])
+  np.testing.assert_array_equal(second_mask, first_mask[::-1])
+  assert (cache.hits, cache.misses) == (4, 0)
+  # Precomputed entries stay in memory too.
+  filled = EmbeddingCache(tmp_path / "other", encoder)
+  assert filled.precompute(["four"]) == 1
+  filled.path("four").unlink()
+  assert filled.lookup("four") is not None
+  # Beyond memory_bytes the oldest entries are dropped (and read from disk again).
+  one_entry = sum(a.nbytes for a in cache._memory["one"])
+  small = EmbeddingCache(tmp_path, encoder, memory_bytes=int(1.5 * one_entry))
+  small.encode_cached(["three"])
+  small.precompute(["five"])  # New: encoded, remembered; "three" is dropped.
+  assert list(small._memory) == ["five"]
 
 
 def test_cache_rejects_trainable_encoders_and_bad_captions(encoder, tmp_path):

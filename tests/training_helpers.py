@@ -14,10 +14,10 @@ from diffusion_jax.training import step as step_lib
 TEXT_LEN, TEXT_DIM = 8, 16
 
 
-def tiny_unet(resolution=16, super_resolution=False):
+def tiny_unet(resolution=16, super_resolution=False, text_width=TEXT_DIM):
   return UNet(UNetConfig(
       levels=(Level(1, 1, False, False), Level(2, 1, True, True)), base_channels=16,
-      num_heads=2, resolution=resolution, text_width=TEXT_DIM, text_length=TEXT_LEN,
+      num_heads=2, resolution=resolution, text_width=text_width, text_length=TEXT_LEN,
       super_resolution=super_resolution,
       lowres_resolution=resolution // 2 if super_resolution else None))
 
@@ -38,12 +38,21 @@ class HashText:
 
 
 class ShapesIterator:
-  """Batches of one-object shapes scenes, in order, from example ``index`` on."""
+  """Batches of one-object shapes scenes, in order, from example ``index`` on.
 
-  def __init__(self, batch_size, resolution=16, lowres_resolution=None, nan_images=False):
-    self.batch_size, self.resolution = batch_size, resolution
+  Like the real pipeline, each process reads its own examples (every process_count-th
+  from its process_index) and refuses a state saved by another process. Batches are
+  NaN if ``nan_images``, or when their number (0-based, since the run started) is in
+  ``nan_batches``.
+  """
+
+  def __init__(self, batch_size, resolution=16, lowres_resolution=None, nan_images=False,
+               nan_batches=(), process_index=0, process_count=1):
+    self.batch_size, self.resolution = batch_size // process_count, resolution
     self.lowres_resolution, self.nan_images = lowres_resolution, nan_images
-    self.index = 0
+    self.nan_batches, self.batches = set(nan_batches), 0
+    self.process_index, self.process_count = process_index, process_count
+    self.index = process_index
 
   def __iter__(self):
     return self
@@ -53,45 +62,67 @@ class ShapesIterator:
     for _ in range(self.batch_size):
       _, caption, image = shapes.make_example(0, "train", self.index, self.resolution,
                                               max_objects=1)
-      self.index += 1
       images.append(image.astype(np.float32) / 127.5 - 1.0)
       captions.append(caption)
       if self.lowres_resolution:
-        small = shapes.make_example(0, "train", self.index - 1, self.lowres_resolution,
+        small = shapes.make_example(0, "train", self.index, self.lowres_resolution,
                                     max_objects=1)[2]
         lowres.append(small.astype(np.float32) / 127.5 - 1.0)
+      self.index += self.process_count
     batch = {"image": np.stack(images), "caption": np.array(captions, dtype=object)}
-    if self.nan_images:
+    if self.nan_images or self.batches in self.nan_batches:
       batch["image"][:] = np.nan
+    self.batches += 1
     if self.lowres_resolution:
       batch["lowres"] = np.stack(lowres)
     return batch
 
   def get_state(self):
-    return {"index": self.index}
+    return {"index": self.index, "process_index": self.process_index}
 
   def set_state(self, state):
+    if state["process_index"] != self.process_index:
+      raise ValueError(f"process {self.process_index} got the data state of process "
+                       f"{state['process_index']}")
     self.index = int(state["index"])
+
+
+def tiny_trainable_t5(trainable=True):
+  """A one-layer offline T5 (width 32, max length TEXT_LEN) that compiles in seconds."""
+  from diffusion_jax.models.t5 import T5Config
+  from diffusion_jax.text import TextEncoder
+
+  config = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                    num_heads=2, feed_forward_proj="gated-gelu")
+  return TextEncoder.offline(config=config, max_length=TEXT_LEN, trainable=trainable)
 
 
 def run(workdir, num_steps, *, batch_size=8, checkpoint_every=1000, log_every=1,
         mesh_axes=(("data", -1), ("model", 1)), learning_rate=2e-3, on_step_end=None,
-        nan_images=False, max_nonfinite_in_a_row=20, grad_accum_steps=1, seed=0,
-        super_resolution=False):
+        nan_images=False, nan_batches=(), max_nonfinite_in_a_row=20, grad_accum_steps=1,
+        seed=0, super_resolution=False, text_encoder=None, time_budget_s=None,
+        log=lambda s: None):
+  import jax
+
   resolution = 16
   lowres = resolution // 2 if super_resolution else None
   from diffusion_jax.diffusion import schedules
   diffusion = step_lib.DiffusionSettings(
       lowres_schedule=schedules.ShiftedCosineSchedule() if super_resolution else None,
       lowres_aug_max_t=0.5)
+  text_encoder = text_encoder or HashText()
+  text_width = getattr(text_encoder, "width", TEXT_DIM)
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   return loop_lib.train(
-      workdir, model=tiny_unet(resolution, super_resolution),
+      workdir, model=tiny_unet(resolution, super_resolution, text_width),
       loop=loop_lib.LoopSettings(
           num_steps=num_steps, batch_size=batch_size, resolution=resolution,
           lowres_resolution=lowres, log_every=log_every, checkpoint_every=checkpoint_every,
-          mesh_axes=mesh_axes, max_nonfinite_in_a_row=max_nonfinite_in_a_row, seed=seed),
+          mesh_axes=mesh_axes, max_nonfinite_in_a_row=max_nonfinite_in_a_row, seed=seed,
+          time_budget_s=time_budget_s),
       step_settings=step_lib.StepSettings(diffusion, ema_decay=0.9,
                                           grad_accum_steps=grad_accum_steps),
       optimizer=state_lib.OptimizerSettings(learning_rate=learning_rate, warmup_steps=2),
-      data_factory=lambda: ShapesIterator(batch_size, resolution, lowres, nan_images),
-      text_encoder=HashText(), on_step_end=on_step_end, log=lambda s: None)
+      data_factory=lambda: ShapesIterator(batch_size, resolution, lowres, nan_images,
+                                          nan_batches, **process),
+      text_encoder=text_encoder, on_step_end=on_step_end, log=log)

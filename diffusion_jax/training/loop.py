@@ -1,18 +1,20 @@
 """The training loop every experiment (and every host of a TPU VM job) runs.
 
 ``train`` builds the mesh, initialises or restores the state directly onto its
-shardings, compiles the train step once, and loops: next batch -> text embeddings ->
-global arrays -> step -> metrics / checkpoints / previews. It resumes from the latest
-checkpoint in ``workdir``, and on SIGTERM (TPU VM preemption) it writes a checkpoint of
-the current step and returns.
+shardings, compiles the train step once, and loops: next batch -> text embeddings (or
+tokens, for a text encoder that trains with the U-Net) -> global arrays -> step ->
+metrics / checkpoints / previews. It resumes from the latest checkpoint in ``workdir``
+(a local path or ``gs://...``), and on SIGTERM (TPU VM preemption) it writes a checkpoint
+of the current step and returns. With several processes, all of them stop at the same
+step (see ``_agree_to_stop``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
-import pathlib
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from diffusion_jax import cascade, images, sharding
 from diffusion_jax.diffusion import grids
@@ -34,6 +37,26 @@ from diffusion_jax.training.step import StepSettings, train_step
 class TextEncoderLike(Protocol):
   def encode(self, prompts: list[str]) -> tuple[Any, Any]:
     """-> (embeddings [B, L, D], mask [B, L] bool)."""
+
+
+class TrainableTextEncoder(TextEncoderLike, Protocol):
+  """What the loop needs of a text encoder that trains with the U-Net (a
+  ``diffusion_jax.text.TextEncoder`` with ``trainable=True``)."""
+
+  trainable: bool
+  module: nn.Module
+  params: Any
+  max_length: int
+  width: int
+
+  def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """-> (tokens [B, L] int32, mask [B, L] bool)."""
+
+  def apply(self, params: Any, tokens: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """-> embeddings [B, L, D] float32."""
+
+  def param_boxes(self) -> Any:
+    """The params' abstract tree, boxed with logical axis names."""
 
 
 class DataIterator(Protocol):
@@ -103,6 +126,28 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def check_workdir(workdir: str | epath.PathLike) -> epath.Path:
+  """Creates ``workdir`` (local or ``gs://...``) and checks this process can write there.
+
+  Raises ValueError with one line saying why not, before anything is loaded or compiled.
+  """
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except (OSError, ImportError) as e:  # ImportError: gs:// without gcsfs installed
+    raise ValueError(f"workdir {workdir} cannot be created or written to ("
+                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
+                     "pass a --workdir you can write to.") from None
+  return path
+
+
+def _trainable(text_encoder) -> bool:
+  return bool(getattr(text_encoder, "trainable", False))
+
+
 def init_inputs(model_cfg, resolution: int, lowres_resolution: int | None,
                 text_len: int, text_dim: int) -> dict:
   """Batch-1 dummy inputs for ``model.init``."""
@@ -116,103 +161,220 @@ def init_inputs(model_cfg, resolution: int, lowres_resolution: int | None,
   return inputs
 
 
-def state_spec(model: nn.Module, tx, inputs: dict, mesh, rules):
-  """(init_state(key) -> boxed TrainState, its abstract shapes, its NamedShardings)."""
-  def init_state(key):
-    params = model.init(key, **inputs)["params"]  # boxed with logical axis names
-    return state_lib.create_train_state(params, tx, key)
+def _is_box(x) -> bool:
+  return isinstance(x, nn.LogicallyPartitioned)
 
-  abstract = jax.eval_shape(init_state, jax.random.key(0))
+
+def state_spec(model: nn.Module, tx, inputs: dict, mesh, rules,
+               text_encoder: TrainableTextEncoder | None = None):
+  """(init_state(key[, text_params]) -> boxed TrainState, its abstract shapes, its
+  NamedShardings).
+
+  With a trainable ``text_encoder``, ``init_state`` takes its initial params, which join
+  the state sharded by their logical axis names like the U-Net's.
+  """
+  text_boxes = None if text_encoder is None else text_encoder.param_boxes()
+
+  def init_state(key, text_params=None):
+    params = model.init(key, **inputs)["params"]  # boxed with logical axis names
+    if text_boxes is not None:
+      text_params = jax.tree.map(lambda box, value: box.replace_boxed(value), text_boxes,
+                                 text_params, is_leaf=_is_box)
+    return state_lib.create_train_state(params, tx, key, text_params)
+
+  args = (jax.random.key(0),) + (() if text_encoder is None else (text_encoder.params,))
+  abstract = jax.eval_shape(init_state, *args)
   return init_state, abstract, sharding.shardings_from_abstract(abstract, mesh, rules)
 
 
-def restore_ema_params(workdir: str | pathlib.Path, *, model: nn.Module,
-                       optimizer: state_lib.OptimizerSettings, loop: LoopSettings,
-                       text_len: int, text_dim: int, step: int | None = None):
+def restore_ema_params(workdir: str | epath.PathLike, *, model: nn.Module,
+                       optimizer: state_lib.OptimizerSettings | None = None,
+                       loop: LoopSettings, text_len: int, text_dim: int,
+                       step: int | None = None):
   """(EMA params of a training run's latest (or given) checkpoint, its step), placed on
-  this process's mesh; the run's optimizer state is read abstractly and dropped."""
+  this process's mesh. Only the U-Net's EMA params are read (a partial restore: the
+  optimizer state and a jointly trained text encoder stay on disk); ``optimizer`` is
+  not needed and only kept for callers that pass it.
+  """
+  del optimizer
   mesh = sharding.make_mesh(dict(loop.mesh_axes))
   inputs = init_inputs(model.config, loop.resolution, loop.lowres_resolution, text_len,
                        text_dim)
-  _, abstract, shardings = state_spec(model, state_lib.make_optimizer(optimizer), inputs,
-                                      mesh, loop.rules)
+  boxed = jax.eval_shape(lambda key: model.init(key, **inputs)["params"], jax.random.key(0))
+  target = ckpt_lib.abstract_with_shardings(
+      nn.unbox(boxed), sharding.shardings_from_abstract(boxed, mesh, loop.rules))
   checkpointer = ckpt_lib.Checkpointer(workdir)
   try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train this stage "
-                              "first (experiments/train.py --workdir=...).")
-    state, _ = checkpointer.restore(
-        ckpt_lib.abstract_with_shardings(nn.unbox(abstract), shardings), step)
+    step = _checkpoint_step(checkpointer, step)
+    params = checkpointer.restore_fields({"ema_params": target}, step)["ema_params"]
   finally:
     checkpointer.close()
-  return state.ema_params, step
+  return params, step
+
+
+def restore_text_ema_params(workdir: str | epath.PathLike, text_encoder,
+                            step: int | None = None):
+  """(EMA params of the text encoder a run trained with its U-Net, the step), shaped and
+  placed like ``text_encoder.params`` (built as the run's config says, e.g. t5-offline).
+
+  Raises ValueError when the run's encoder was frozen (its checkpoints hold no text
+  params), FileNotFoundError when there is no checkpoint.
+  """
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  try:
+    step = _checkpoint_step(checkpointer, step)
+    if checkpointer.saved_fields(step).get("text_ema_params") is None:
+      raise ValueError(f"The checkpoint at step {step} in {checkpointer.directory} holds no "
+                       "text-encoder params: that run's encoder was frozen "
+                       "(config.text.trainable=False).")
+    # Single-device encoders restore onto the first local device, sharded ones onto
+    # their own shardings.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=getattr(
+            p, "sharding", device) if getattr(text_encoder, "mesh", None) else device),
+        text_encoder.params)
+    params = checkpointer.restore_fields({"text_ema_params": target},
+                                         step)["text_ema_params"]
+  finally:
+    checkpointer.close()
+  return params, step
+
+
+def _checkpoint_step(checkpointer: ckpt_lib.Checkpointer, step: int | None) -> int:
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train this stage "
+                            "first (experiments/train.py --workdir=...).")
+  return step
 
 
 def encode_null(text_encoder: TextEncoderLike) -> dict:
+  """The empty prompt as the train step's null condition: {"text_emb": [L, D],
+  "text_mask": [L]}, or {"text_tokens": [L], "text_mask": [L]} for a trainable encoder."""
+  if _trainable(text_encoder):
+    tokens, mask = text_encoder.tokenize([""])
+    return {"text_tokens": jnp.asarray(tokens[0]), "text_mask": jnp.asarray(mask[0])}
   emb, mask = text_encoder.encode([""])
   return {"text_emb": jnp.asarray(emb[0]), "text_mask": jnp.asarray(mask[0])}
 
 
 def _model_batch(batch: dict, text_encoder: TextEncoderLike) -> dict:
-  """Host batch (images, captions) -> the arrays the train step takes."""
-  emb, mask = text_encoder.encode([str(c) for c in batch["caption"]])
-  out = {"image": np.asarray(batch["image"], np.float32),
-         "text_emb": np.asarray(emb, np.float32), "text_mask": np.asarray(mask, bool)}
+  """Host batch (images, captions) -> the arrays the train step takes (this process's
+  rows: each process encodes or tokenizes its own captions)."""
+  captions = [str(c) for c in batch["caption"]]
+  out = {"image": np.asarray(batch["image"], np.float32)}
+  if _trainable(text_encoder):
+    tokens, mask = text_encoder.tokenize(captions)
+    out["text_tokens"] = np.asarray(tokens, np.int32)
+  else:
+    emb, mask = text_encoder.encode(captions)
+    out["text_emb"] = np.asarray(emb, np.float32)
+  out["text_mask"] = np.asarray(mask, bool)
   if "lowres" in batch:
     out["lowres"] = np.asarray(batch["lowres"], np.float32)
   return out
 
 
-def train(workdir: str | pathlib.Path, *, model: nn.Module, loop: LoopSettings,
+def _batch_shardings(mesh, rules, trainable_text: bool, super_resolution: bool) -> dict:
+  """NamedShardings of the global batch ``_model_batch`` builds, split along the batch."""
+  ndims = {"image": 4, "text_mask": 2}
+  ndims.update({"text_tokens": 2} if trainable_text else {"text_emb": 3})
+  if super_resolution:
+    ndims["lowres"] = 4
+  return {name: sharding.batch_sharding(mesh, rules, n) for name, n in ndims.items()}
+
+
+def _agree_to_stop(out_of_time: bool, preempted: bool) -> tuple[bool, bool]:
+  """(out_of_time, preempted) as any process sees them.
+
+  The SIGTERM flag and the time budget are per process, but the checkpoint save is a
+  collective: if one host stopped a step earlier than another, both would hang. Several
+  processes therefore all-gather both flags every step (a few bytes, but it waits for the
+  previous step, so the host no longer runs ahead of the devices); one process pays
+  nothing.
+  """
+  if jax.process_count() == 1:
+    return out_of_time, preempted
+  from jax.experimental import multihost_utils
+
+  flags = np.asarray(multihost_utils.process_allgather(
+      np.asarray([out_of_time, preempted], np.int32))).reshape(-1, 2)
+  return bool(flags[:, 0].any()), bool(flags[:, 1].any())
+
+
+def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings,
           step_settings: StepSettings, optimizer: state_lib.OptimizerSettings,
           data_factory: Callable[[], Iterator[dict]], text_encoder: TextEncoderLike,
           config_json: dict | None = None, log: Callable[[str], None] = print,
           on_step_end: Callable[[int], None] | None = None):
   """Trains ``model`` in ``workdir`` (resuming if it holds checkpoints).
 
-  ``on_step_end(step)`` is called after each step's bookkeeping (tests use it).
+  ``text_encoder``: either a frozen encoder whose ``encode`` runs on the host, on this
+  process's captions only (with several processes it must be process-local, e.g. a
+  TextEncoder on ``jax.local_devices()``, or an embedding cache), or a TextEncoder with
+  ``trainable=True`` on the training mesh: its params then join the train state (updated
+  and EMA'd with the U-Net's), the host only tokenizes and the encoder runs inside the
+  loss. ``on_step_end(step)`` is called after each step's bookkeeping (tests use it).
 
   Returns (final TrainState, last summarised metrics).
   """
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = check_workdir(workdir)
   if config_json is not None and jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
   mesh = sharding.make_mesh(dict(loop.mesh_axes))
   tx = state_lib.make_optimizer(optimizer)
+  trainable_text = _trainable(text_encoder)
   null_cond = encode_null(text_encoder)
-  text_len, text_dim = null_cond["text_emb"].shape
+  if trainable_text:
+    text_len, text_dim = text_encoder.max_length, text_encoder.width
+  else:
+    text_len, text_dim = null_cond["text_emb"].shape
   inputs = init_inputs(model.config, loop.resolution, loop.lowres_resolution, text_len,
                        text_dim)
 
-  init_state, abstract, state_shardings = state_spec(model, tx, inputs, mesh, loop.rules)
+  init_state, abstract, state_shardings = state_spec(
+      model, tx, inputs, mesh, loop.rules, text_encoder if trainable_text else None)
   base_key = jax.random.key(loop.seed)
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=loop.keep_checkpoints)
-  data_state = None
+  saved_data = None
   if checkpointer.latest_step() is not None:
     target = ckpt_lib.abstract_with_shardings(nn.unbox(abstract), state_shardings)
-    state, data_state = checkpointer.restore(target)
+    state, saved_data = checkpointer.restore(target)
     log(f"Resumed from {checkpointer.directory} at step {int(state.step)}.")
   else:
-    state, _ = sharding.init_sharded(init_state, mesh, loop.rules, base_key)
+    init_args = (base_key,) + ((text_encoder.params,) if trainable_text else ())
+    state, _ = sharding.init_sharded(init_state, mesh, loop.rules, *init_args)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  log(f"{num_params / 1e6:.2f}M parameters on mesh {dict(mesh.shape)}.")
+  text_params = sum(x.size for x in jax.tree.leaves(state.text_params))
+  log(f"{num_params / 1e6:.2f}M U-Net parameters"
+      + (f" + {text_params / 1e6:.2f}M trained text-encoder parameters" if text_params
+         else "") + f" on mesh {dict(mesh.shape)}.")
 
   data = data_factory()
-  if data_state is not None:
-    data.set_state(data_state)
-  null_cond = jax.device_put(null_cond, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))
+  if checkpointer.latest_step() is not None:
+    data_state, why_not = ckpt_lib.data_state_of_process(
+        saved_data, jax.process_index(), jax.process_count())
+    if data_state is not None:
+      data.set_state(data_state)
+    else:
+      log(f"The input pipeline starts afresh: {why_not}.")
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  null_cond = jax.device_put(null_cond, replicated)
+  batch_shardings = _batch_shardings(mesh, loop.rules, trainable_text,
+                                     loop.lowres_resolution is not None)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, settings=step_settings,
-                        learning_rate_fn=state_lib.learning_rate_schedule(optimizer)),
+                        learning_rate_fn=state_lib.learning_rate_schedule(optimizer),
+                        text_apply=text_encoder.apply if trainable_text else None),
+      in_shardings=(state_shardings, batch_shardings,
+                    jax.tree.map(lambda _: replicated, null_cond)),
       out_shardings=(state_shardings, None), donate_argnums=0)
   preview = _make_preview(model, step_settings, loop, text_encoder, null_cond)
 
-  writer = metrics_lib.MetricWriter(workdir, total_steps=loop.num_steps)
-  accumulator = metrics_lib.MetricAccumulator()
   step = int(state.step)
+  writer = metrics_lib.MetricWriter(workdir, total_steps=loop.num_steps, start_step=step)
+  accumulator = metrics_lib.MetricAccumulator()
   start_time = interval_start = time.time()
   interval_steps, summary = 0, {}
   with _Preemption() as preemption, sharding.sharding_context(mesh, loop.rules):
@@ -224,10 +386,13 @@ def train(workdir: str | pathlib.Path, *, model: nn.Module, loop: LoopSettings,
         accumulator.add(metrics)
         step += 1
         interval_steps += 1
-        out_of_time = (loop.time_budget_s is not None and
-                       time.time() - start_time > loop.time_budget_s)
-        last = step >= loop.num_steps or out_of_time or preemption.requested
-        if step % loop.log_every == 0 or last:
+        out_of_time, preempted = _agree_to_stop(
+            loop.time_budget_s is not None and time.time() - start_time > loop.time_budget_s,
+            preemption.requested)
+        last = step >= loop.num_steps or out_of_time or preempted
+        log_now = step % loop.log_every == 0 or last
+        save_now = step % loop.checkpoint_every == 0 or last
+        if log_now:
           summary = accumulator.summarise()
           elapsed = time.time() - interval_start
           summary["images_per_s"] = interval_steps * loop.batch_size / max(elapsed, 1e-9)
@@ -235,15 +400,17 @@ def train(workdir: str | pathlib.Path, *, model: nn.Module, loop: LoopSettings,
           writer.write(step, summary)
           writer.console(step, summary)
           interval_start, interval_steps = time.time(), 0
-        if step % loop.log_every == 0 or step % loop.max_nonfinite_in_a_row == 0 or last:
-          in_a_row = int(state.nonfinite_in_a_row)
-          if in_a_row >= loop.max_nonfinite_in_a_row:
+        if log_now or save_now or step % loop.max_nonfinite_in_a_row == 0:
+          # The longest run so far, not the current one: a run that ended between two
+          # looks still counts, and no checkpoint is written after one.
+          longest = int(state.nonfinite_longest)
+          if longest >= loop.max_nonfinite_in_a_row:
             raise NonFiniteError(
-                f"{in_a_row} steps in a row had a NaN/Inf loss or gradient (at step {step});"
+                f"{longest} steps in a row had a NaN/Inf loss or gradient (by step {step});"
                 " stopping. Lower the learning rate, enable gradient clipping, or check the "
                 f"data. The last good checkpoint is in {checkpointer.directory}.")
         pause_start = time.time()  # checkpoints and previews don't count as step time
-        if step % loop.checkpoint_every == 0 or last:
+        if save_now:
           checkpointer.save(step, state, data.get_state(), config_json)
         if preview is not None and (step % loop.preview_every == 0 or last):
           preview(state, step, writer, workdir)
@@ -253,9 +420,7 @@ def train(workdir: str | pathlib.Path, *, model: nn.Module, loop: LoopSettings,
         if out_of_time:
           log(f"Time budget of {loop.time_budget_s:.0f}s reached at step {step}.")
           break
-        if preemption.requested:
-          if checkpointer.latest_step() != step:  # the signal came after this step's save
-            checkpointer.save(step, state, data.get_state(), config_json)
+        if preempted:
           log(f"SIGTERM: saved a checkpoint at step {step}; exiting.")
           break
     finally:
@@ -267,27 +432,58 @@ def train(workdir: str | pathlib.Path, *, model: nn.Module, loop: LoopSettings,
 
 def _make_preview(model, step_settings: StepSettings, loop: LoopSettings, text_encoder,
                   null_cond):
-  """A jitted EMA sampler for the preview prompts (base stages), or None."""
+  """A jitted EMA sampler for the preview prompts (base stages), or None. A trainable
+  text encoder encodes them with its EMA params, as sampling the checkpoint will."""
   if not loop.preview_every or not loop.preview_prompts or loop.lowres_resolution:
     return None
   diffusion = step_settings.diffusion
-  emb, mask = text_encoder.encode(list(loop.preview_prompts))
+  prompts = list(loop.preview_prompts)
+  trainable_text = _trainable(text_encoder)
+  if trainable_text:
+    tokens, mask = text_encoder.tokenize(prompts)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+  else:
+    emb, mask = text_encoder.encode(prompts)
+    emb, mask = jnp.asarray(emb), jnp.asarray(mask)
   grid = grids.uniform_time(diffusion.schedule, loop.preview_steps)
   image_shape = (loop.resolution, loop.resolution, model.config.out_channels)
 
   @jax.jit
-  def sample(params, key):
+  def sample(params, text_params, key):
+    null = null_cond
+    if trainable_text:
+      text_emb = text_encoder.apply(text_params, tokens, mask)
+      null = {"text_emb": text_encoder.apply(text_params, null_cond["text_tokens"][None],
+                                             null_cond["text_mask"][None])[0],
+              "text_mask": null_cond["text_mask"]}
+    else:
+      text_emb = emb
     return cascade.sample_stage(
-        model, params, jnp.asarray(emb), jnp.asarray(mask), null_cond, key, grid,
+        model, params, text_emb, mask, null, key, grid,
         image_shape=image_shape, parameterization=diffusion.parameterization,
         sampler="ddim", guidance_scale=loop.preview_guidance_scale)
 
   def preview(state, step, writer, workdir):
-    out = sample(state.ema_params, jax.random.key(loop.seed))
-    grid_image = images.make_grid(np.asarray(jax.device_get(out)),
-                                  list(loop.preview_prompts), columns=4, scale=2)
+    out = sample(state.ema_params, state.text_ema_params, jax.random.key(loop.seed))
+    grid_image = images.make_grid(np.asarray(jax.device_get(out)), prompts, columns=4,
+                                  scale=2)
     if jax.process_index() == 0:
-      images.save_png(grid_image, pathlib.Path(workdir) / "previews" / f"step_{step}.png")
+      _write_png(grid_image, epath.Path(workdir) / "previews" / f"step_{step}.png")
       writer.write_image(step, "preview", grid_image)
 
   return preview
+
+
+def _write_png(image_uint8: np.ndarray, path: epath.Path) -> None:
+  """Writes a PNG to a local or remote path (via a temporary name where renames exist)."""
+  from PIL import Image
+
+  buffer = io.BytesIO()
+  Image.fromarray(image_uint8).save(buffer, format="PNG")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if "://" in str(path):
+    path.write_bytes(buffer.getvalue())
+    return
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_bytes(buffer.getvalue())
+  tmp.replace(path)

@@ -2,18 +2,24 @@
 
 Only process 0 writes. Metrics arrive per step as device scalars; ``MetricAccumulator``
 sums them on the host between reports (one device->host transfer per report, not per
-step), and turns the per-t-bucket sums and counts into per-bucket mean losses.
+step), and turns the per-t-bucket sums and counts into per-bucket mean losses. Steps the
+non-finite guard skipped are left out of every average but ``skipped`` (their loss is
+NaN or Inf and changed nothing).
+
+The workdir may be local or remote (``gs://...``; paths are ``etils.epath``). A resumed
+run first drops the lines of ``metrics.jsonl`` (and hides the TensorBoard events) after
+the step it resumed from, so a step is never reported twice.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pathlib
 import time
 
 import jax
 import numpy as np
+from etils import epath
 
 
 class MetricAccumulator:
@@ -24,19 +30,22 @@ class MetricAccumulator:
     self._pending.append(metrics)
 
   def summarise(self) -> dict[str, float]:
-    """Mean of every scalar over the pending steps; ``loss_t{k}`` per t-bucket."""
+    """Mean of every scalar over the pending steps that were not skipped (NaN if all
+    were); ``skipped`` over all of them; ``loss_t{k}`` per t-bucket."""
     if not self._pending:
       return {}
     host = jax.device_get(self._pending)
     self._pending = []
+    applied = [m for m in host if not m.get("skipped", 0.0)]
     out = {}
     for name in host[0]:
       if name.startswith("bucket_"):
         continue
-      out[name] = float(np.mean([m[name] for m in host]))
-    if "bucket_loss_sum" in host[0]:
-      sums = np.sum([m["bucket_loss_sum"] for m in host], axis=0)
-      counts = np.sum([m["bucket_count"] for m in host], axis=0)
+      steps = host if name == "skipped" else applied
+      out[name] = float(np.mean([m[name] for m in steps])) if steps else math.nan
+    if "bucket_loss_sum" in host[0] and applied:
+      sums = np.sum([m["bucket_loss_sum"] for m in applied], axis=0)
+      counts = np.sum([m["bucket_count"] for m in applied], axis=0)
       for k, (s, c) in enumerate(zip(sums, counts, strict=True)):
         if c > 0:
           out[f"loss_t{k}"] = float(s / c)
@@ -44,12 +53,16 @@ class MetricAccumulator:
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard (tensorboardX), metrics.jsonl and the console."""
+  """Writes scalars to TensorBoard (tensorboardX), metrics.jsonl and the console.
 
-  def __init__(self, workdir: str | pathlib.Path, total_steps: int | None = None,
-               enabled: bool | None = None):
+  ``start_step``: the step the run starts (or resumes) from; records of later steps, left
+  by a run that was killed after its last checkpoint, are dropped.
+  """
+
+  def __init__(self, workdir: str | epath.PathLike, total_steps: int | None = None,
+               enabled: bool | None = None, start_step: int = 0):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = epath.Path(workdir)
     self.total_steps = total_steps
     self._tb = None
     self._start_time = time.time()
@@ -58,16 +71,49 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
 
       self.workdir.mkdir(parents=True, exist_ok=True)
-      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-      self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+      self._jsonl_path = self.workdir / "metrics.jsonl"
+      self._lines = self._kept_lines(start_step)
+      # Object stores (gs://) cannot append: there the file is rewritten on each write.
+      self._local = "://" not in str(self.workdir)
+      self._rewrite()
+      self._jsonl = open(self._jsonl_path, "a") if self._local else None  # noqa: SIM115
+      # purge_step hides the events a killed run logged after start_step.
+      self._tb = SummaryWriter(str(self.workdir / "tensorboard"),
+                               purge_step=start_step + 1 if start_step else None)
+
+  def _kept_lines(self, start_step: int) -> list[str]:
+    if not self._jsonl_path.exists():
+      return []
+    kept = []
+    for line in self._jsonl_path.read_text().splitlines():
+      try:
+        if json.loads(line)["step"] <= start_step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):
+        continue  # a line cut short by a crash
+    return kept
+
+  def _rewrite(self) -> None:
+    text = "".join(line + "\n" for line in self._lines)
+    if self._local:
+      tmp = self._jsonl_path.parent / (self._jsonl_path.name + ".tmp")
+      tmp.write_text(text)
+      tmp.replace(self._jsonl_path)  # atomic: a crash never loses the kept lines
+    else:
+      self._jsonl_path.write_text(text)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, step)
-    self._jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": step, "time": time.time(), **scalars})
+    if self._local:
+      self._jsonl.write(line + "\n")
+      self._jsonl.flush()
+    else:
+      self._lines.append(line)
+      self._rewrite()
 
   def console(self, step: int, scalars: dict[str, float], extra: str = "") -> None:
     if not self.enabled:
@@ -93,7 +139,8 @@ class MetricWriter:
   def close(self) -> None:
     if self.enabled:
       self._tb.close()
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
 
 
 def _fmt(x: float) -> str:

@@ -4,6 +4,12 @@ The state holds everything a run needs to continue bit for bit: parameters, thei
 the optimizer state, the step, the run's PRNG key (raw uint32 key data, which orbax can
 save) and the non-finite-step counters. Randomness of step n is derived from
 ``fold_in(rng, n)``, so nothing random is carried from step to step.
+
+A text encoder trained jointly with the U-Net (GLIDE-style, ``config.text.trainable``)
+keeps its parameters and their EMA in ``text_params`` / ``text_ema_params``; the optimizer
+then updates ``{"unet": params, "text": text_params}`` as one tree (one learning rate, one
+gradient clip). With a frozen encoder (the default) both are None and the optimizer sees
+the U-Net parameters alone.
 """
 
 from __future__ import annotations
@@ -26,10 +32,25 @@ class TrainState:
   rng: jnp.ndarray                  # uint32 key data of the run's base key
   nonfinite_in_a_row: jnp.ndarray   # int32 []: consecutive skipped steps
   nonfinite_total: jnp.ndarray      # int32 []: all skipped steps
+  # The longest run of consecutive skipped steps so far. Sticky, so the host loop, which
+  # only looks every few steps, cannot miss a run that ended between two looks.
+  nonfinite_longest: jnp.ndarray    # int32 []
+  text_params: Any = None           # a jointly trained text encoder's params, or None
+  text_ema_params: Any = None
 
   @property
   def key(self) -> jax.Array:
     return jax.random.wrap_key_data(self.rng)
+
+  @property
+  def trainable_params(self) -> Any:
+    """What the optimizer updates: the U-Net params, or {"unet", "text"} when the text
+    encoder trains too."""
+    return trainable_tree(self.params, self.text_params)
+
+
+def trainable_tree(params: Any, text_params: Any) -> Any:
+  return params if text_params is None else {"unet": params, "text": text_params}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +103,20 @@ def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(settings.clip_grad_norm), adamw)
 
 
-def create_train_state(params: Any, tx: optax.GradientTransformation,
-                       key: jax.Array) -> TrainState:
-  """A fresh state; ``params`` already initialised (possibly sharded). Jit-able."""
+def create_train_state(params: Any, tx: optax.GradientTransformation, key: jax.Array,
+                       text_params: Any = None) -> TrainState:
+  """A fresh state; ``params`` already initialised (possibly sharded). Jit-able.
+
+  ``text_params``: the initial params of a text encoder that trains with the U-Net, or
+  None for a frozen one.
+  """
+  zero = jnp.zeros((), jnp.int32)
+  copy = lambda tree: None if tree is None else jax.tree.map(jnp.copy, tree)
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-      rng=jax.random.key_data(key), nonfinite_in_a_row=jnp.zeros((), jnp.int32),
-      nonfinite_total=jnp.zeros((), jnp.int32))
+      step=zero, params=params, ema_params=copy(params),
+      opt_state=tx.init(trainable_tree(params, text_params)), rng=jax.random.key_data(key),
+      nonfinite_in_a_row=zero, nonfinite_total=zero, nonfinite_longest=zero,
+      text_params=text_params, text_ema_params=copy(text_params))
 
 
 def ema_decay_at(step: jnp.ndarray, decay: float, warmup: bool) -> jnp.ndarray:

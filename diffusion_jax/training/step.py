@@ -8,7 +8,9 @@ nothing but the step counter and the non-finite counters (the host loop aborts a
 many in a row).
 
 Batch (global arrays, leading axis the batch B):
-  image [B, H, W, C] float in [-1, 1]; text_emb [B, L, D]; text_mask [B, L] bool;
+  image [B, H, W, C] float in [-1, 1]; text_mask [B, L] bool;
+  text_emb [B, L, D] (a frozen encoder's output, computed on the host), or, when the text
+  encoder trains with the U-Net, text_tokens [B, L] int32 (it runs inside the loss);
   lowres [B, h, w, C] for super-resolution stages.
 """
 
@@ -68,7 +70,10 @@ class StepSettings:
       raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}.")
 
 
-def _loss_fn(params, model: nn.Module, batch, null_cond, key, settings: DiffusionSettings):
+def _loss_fn(params, model: nn.Module, batch, null_cond, key, settings: DiffusionSettings,
+             text_apply=None):
+  """(mean loss, metrics). ``params``: the U-Net's, or {"unet", "text"} with ``text_apply``
+  (params, tokens [B, L], mask [B, L]) -> embeddings [B, L, D] for a trainable encoder."""
   x0 = batch["image"].astype(jnp.float32)
   b = x0.shape[0]
   k_t, k_eps, k_drop, k_aug, k_aug_noise, k_dropout = jax.random.split(key, 6)
@@ -76,8 +81,18 @@ def _loss_fn(params, model: nn.Module, batch, null_cond, key, settings: Diffusio
   logsnr = settings.schedule.logsnr(t)
   eps = jax.random.normal(k_eps, x0.shape)
   x_t = schedules.q_sample(x0, eps, logsnr)
-  cond = {"text_emb": batch["text_emb"], "text_mask": batch["text_mask"]}
-  cond, _ = losses.drop_condition(k_drop, cond, null_cond, settings.cond_drop_prob)
+  if text_apply is None:
+    cond = {"text_emb": batch["text_emb"], "text_mask": batch["text_mask"]}
+    cond, _ = losses.drop_condition(k_drop, cond, null_cond, settings.cond_drop_prob)
+  else:
+    # Dropped rows get the empty prompt's tokens, encoded by the current encoder, as the
+    # null condition sampling will use.
+    tokens = {"text_tokens": batch["text_tokens"], "text_mask": batch["text_mask"]}
+    tokens, _ = losses.drop_condition(k_drop, tokens, null_cond, settings.cond_drop_prob)
+    cond = {"text_emb": text_apply(params["text"], tokens["text_tokens"],
+                                   tokens["text_mask"]),
+            "text_mask": tokens["text_mask"]}
+    params = params["unet"]
   extra = {}
   if settings.lowres_schedule is not None:
     lowres = batch["lowres"].astype(jnp.float32)
@@ -110,17 +125,24 @@ def _split_micro(batch, num_micro: int, index: int):
 
 def train_step(state: TrainState, batch: dict, null_cond: dict, *, model: nn.Module,
                tx: optax.GradientTransformation, settings: StepSettings,
-               learning_rate_fn=None) -> tuple[TrainState, dict]:
+               learning_rate_fn=None, text_apply=None) -> tuple[TrainState, dict]:
   """One optimizer step (pure; jit it with shardings and ``donate_argnums=0``).
 
   Args:
     state: the TrainState.
     batch: see the module docstring; the batch must divide by grad_accum_steps.
-    null_cond: {"text_emb": [L, D], "text_mask": [L]}, the encoded empty prompt that
-      replaces dropped conditions.
+    null_cond: the empty prompt that replaces dropped conditions: {"text_emb": [L, D],
+      "text_mask": [L]} encoded, or {"text_tokens": [L], "text_mask": [L]} with
+      ``text_apply``.
+    learning_rate_fn: the optimizer's schedule, only to report the rate applied.
+    text_apply: (text_params, tokens [B, L], mask [B, L]) -> embeddings [B, L, D], when
+      ``state.text_params`` trains with the U-Net (e.g. ``TextEncoder.apply``).
   Returns:
     (new state, metrics of scalars and [num_loss_buckets] sums/counts).
   """
+  if (text_apply is None) != (state.text_params is None):
+    raise ValueError("Pass text_apply exactly when the state holds text_params (a text "
+                     "encoder that trains with the U-Net).")
   key = jax.random.fold_in(state.key, state.step)
   grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
   num_micro = settings.grad_accum_steps
@@ -129,8 +151,8 @@ def train_step(state: TrainState, batch: dict, null_cond: dict, *, model: nn.Mod
   # passes inside a while loop many times slower (shared/PERF-NOTES.md).
   for i in range(num_micro):
     micro = batch if num_micro == 1 else _split_micro(batch, num_micro, i)
-    (_, m), g = grad_fn(state.params, model, micro, null_cond, jax.random.fold_in(key, i),
-                        settings.diffusion)
+    (_, m), g = grad_fn(state.trainable_params, model, micro, null_cond,
+                        jax.random.fold_in(key, i), settings.diffusion, text_apply)
     grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
     metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
   if num_micro > 1:
@@ -138,26 +160,38 @@ def train_step(state: TrainState, batch: dict, null_cond: dict, *, model: nn.Mod
     metrics = {k: (v if k.startswith("bucket") else v / num_micro)
                for k, v in metrics.items()}
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  trainable = state.trainable_params
+  updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
   decay = ema_decay_at(state.step, settings.ema_decay, settings.ema_warmup)
-  new_ema = ema_update(state.ema_params, new_params, decay)
+  if state.text_params is None:
+    new_params, new_text = new_trainable, None
+    new_ema, new_text_ema = ema_update(state.ema_params, new_params, decay), None
+  else:
+    new_params, new_text = new_trainable["unet"], new_trainable["text"]
+    new_ema = ema_update(state.ema_params, new_params, decay)
+    new_text_ema = ema_update(state.text_ema_params, new_text, decay)
 
   def keep_if_finite(new, old):
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-  in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
+  in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1).astype(jnp.int32)
   new_state = state.replace(
       step=state.step + 1,
       params=keep_if_finite(new_params, state.params),
       ema_params=keep_if_finite(new_ema, state.ema_params),
       opt_state=keep_if_finite(new_opt_state, state.opt_state),
-      nonfinite_in_a_row=in_a_row.astype(jnp.int32),
-      nonfinite_total=(state.nonfinite_total + (~finite)).astype(jnp.int32))
+      text_params=keep_if_finite(new_text, state.text_params),
+      text_ema_params=keep_if_finite(new_text_ema, state.text_ema_params),
+      nonfinite_in_a_row=in_a_row,
+      nonfinite_total=(state.nonfinite_total + (~finite)).astype(jnp.int32),
+      nonfinite_longest=jnp.maximum(state.nonfinite_longest, in_a_row))
   metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32),
                  ema_decay=decay)
   if learning_rate_fn is not None:
-    metrics["learning_rate"] = learning_rate_fn(state.step)
+    # optax's schedule counts applied updates only (a skipped step keeps the old optimizer
+    # state), so this is the rate this step used.
+    metrics["learning_rate"] = learning_rate_fn(state.step - state.nonfinite_total)
   return new_state, metrics
