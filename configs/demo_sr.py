@@ -8,6 +8,8 @@ from configs import common
 
 
 def get_config(arg=None):
+  if arg not in (None, "smoke"):
+    raise ValueError(f"configs/demo_sr.py takes no argument or ':smoke', got {arg!r}.")
   c = common.get_config()
   c.model.preset = "demo_sr"
   c.diffusion.schedule_kwargs.resolution = 64

@@ -1,0 +1,126 @@
+"""Every configs/*.py builds, is locked and passes the checks train.py runs before
+compiling; the paper-scale configs' train states are traced abstractly (jax.eval_shape:
+no parameter is allocated) for their sizes and their FSDP sharding on a 64-device mesh."""
+
+import importlib
+import pathlib
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, AxisType
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+import builders  # noqa: E402
+
+from configs import common  # noqa: E402
+from diffusion_jax.models import t5  # noqa: E402
+from diffusion_jax.models import unet as unet_lib  # noqa: E402
+from diffusion_jax.training import loop as loop_lib  # noqa: E402
+from diffusion_jax.training import state as state_lib  # noqa: E402
+
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "common"))
+# Imagen's stage sizes (Saharia et al. 2022, appendix F), which the presets follow.
+PAPER_SIZES = {"imagen_base64": 2e9, "imagen_sr256": 600e6, "imagen_sr1024": 400e6}
+DEVICES = 64  # e.g. a TPU v4-128 slice (64 chips)
+
+
+def _configs(name):
+  module = importlib.import_module(f"configs.{name}")
+  return [module.get_config()] + ([module.get_config("smoke")]
+                                  if name.startswith("demo") else [])
+
+
+def test_every_config_file_is_tested():
+  assert set(PAPER_SIZES) < set(CONFIGS) and {"demo_base", "demo_sr"} < set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_is_locked_and_validates(name):
+  for config in _configs(name):
+    assert config.is_locked
+    builders.unet_config(config)
+    builders.step_settings(config)
+    builders.optimizer_settings(config)
+    builders.loop_settings(config)
+    assert config.text.trainable is False  # frozen unless asked for
+
+
+def test_a_misspelt_field_is_an_error_not_a_new_field():
+  config = common.get_config()
+  with pytest.raises(AttributeError, match='Did you mean "batch_size"'):
+    config.train.batch_szie = 64
+  with pytest.raises(AttributeError, match="trian"):
+    config.trian = {}
+  config.train.batch_size = 64  # every existing field stays settable
+  assert config.train.batch_size == 64
+
+
+def test_an_unknown_config_argument_is_an_error():
+  demo_base = importlib.import_module("configs.demo_base")
+  with pytest.raises(ValueError, match="':smoke', got 'smok'"):
+    demo_base.get_config("smok")
+
+
+def test_a_trainable_encoder_cannot_use_the_embedding_cache():
+  config = _configs("demo_base")[0]
+  assert config.text.cache_dir
+  config.text.trainable = True
+  # Raised before anything is loaded.
+  with pytest.raises(builders.ConfigError, match="cannot be cached"):
+    builders.text_encoder(config)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SIZES))
+def test_paper_config_train_state_abstractly(name):
+  config = _configs(name)[0]
+  model = unet_lib.UNet(builders.unet_config(config))
+  loop = builders.loop_settings(config)
+  tx = state_lib.make_optimizer(builders.optimizer_settings(config))
+  assert config.text.encoder.endswith("t5-v1_1-xxl")
+  text_width = t5.PRESETS["t5-v1_1-xxl"].d_model
+  inputs = loop_lib.init_inputs(model.config, loop.resolution, loop.lowres_resolution,
+                                config.text.max_length, text_width)  # batch 1: kilobytes
+  mesh = AbstractMesh((DEVICES, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  _, abstract, shardings = loop_lib.state_spec(model, tx, inputs, mesh, loop.rules)
+  state = nn.unbox(abstract)
+  count = sum(x.size for x in jax.tree.leaves(state.params))
+  assert 0.75 * PAPER_SIZES[name] < count < 1.25 * PAPER_SIZES[name], count
+  assert sum(x.size for x in jax.tree.leaves(state.ema_params)) == count
+  # AdamW keeps two moments per parameter (plus step counters).
+  assert 2 * count <= sum(x.size for x in jax.tree.leaves(state.opt_state)) <= 2 * count + 8
+  # FSDP: each of the 64 devices holds ~1/64 of the state (small vectors replicate).
+  full = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  per_device = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+                   for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(state),
+                                   strict=True))
+  assert full / DEVICES <= per_device < 1.05 * full / DEVICES, (per_device, full)
+  assert loop.batch_size % DEVICES == 0
+
+
+def test_a_trainable_encoder_joins_the_abstract_train_state():
+  from diffusion_jax.text import TextEncoder
+
+  config = _configs("demo_base")[1]
+  encoder = TextEncoder.from_pretrained("t5-offline", max_length=config.text.max_length,
+                                        trainable=True)
+  model = unet_lib.UNet(builders.unet_config(config))
+  loop = builders.loop_settings(config)
+  tx = state_lib.make_optimizer(builders.optimizer_settings(config))
+  inputs = loop_lib.init_inputs(model.config, loop.resolution, None, encoder.max_length,
+                                encoder.width)
+  mesh = AbstractMesh((8, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  _, abstract, shardings = loop_lib.state_spec(model, tx, inputs, mesh, loop.rules, encoder)
+  state = nn.unbox(abstract)
+  text_count = sum(x.size for x in jax.tree.leaves(encoder.params))
+  assert sum(x.size for x in jax.tree.leaves(state.text_params)) == text_count
+  assert sum(x.size for x in jax.tree.leaves(state.text_ema_params)) == text_count
+  unet_count = sum(x.size for x in jax.tree.leaves(state.params))
+  assert sum(x.size for x in jax.tree.leaves(state.opt_state)) >= 2 * (unet_count + text_count)
+  # The encoder's kernels shard by their logical names, like the U-Net's.
+  assert any("data" in str(s.spec) for s in jax.tree.leaves(shardings.text_params))
