@@ -36,6 +36,7 @@ lint: $(STAMP)
 # Every benchmark prints a table; run them on an otherwise idle machine.
 bench: $(STAMP)
 	$(PY) benchmarks/samplers.py
+	$(PY) benchmarks/sample.py
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/text.py
 	$(PY) benchmarks/unet.py
