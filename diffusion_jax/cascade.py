@@ -10,9 +10,12 @@ the null condition replaces only the text: the low-res image conditions both hal
 ``Cascade.sample`` encodes the prompts once, runs the base stage, and feeds every stage's
 output to the next one as its low-res input, noised to the stage's fixed augmentation
 level (Imagen section 2.5, noise conditioning augmentation; the level is given to the
-U-Net too). Each stage's sampling is one compiled program (compiled once per batch
-size). Image i of a call draws all its randomness from ``fold_in(fold_in(key, stage), i)``
-(i counted from ``first_index``), so any single image can be regenerated alone.
+U-Net too). A super-resolution stage must follow a stage that samples at the low-res
+size it was trained on (``chain_error``; stages trained on random crops only need their
+scale factor to chain). Each stage's sampling is one compiled program (compiled once per
+batch size). Image i of a call draws all its randomness from
+``fold_in(fold_in(key, stage), i)`` (i counted from ``first_index``), so any single image
+can be regenerated alone.
 """
 
 from __future__ import annotations
