@@ -87,7 +87,8 @@ def sampled(workdirs, tmp_path_factory):
   # draw is per image; checkpoint 1 of the SR stage checks --checkpoint_steps.
   r = _sample(f"--workdirs={','.join(workdirs)}", *[f"--prompts={p}" for p in PROMPTS],
               f"--outdir={out}", "--sampler=ddpm", "--steps=3", "--guidance_scale=2,1.5",
-              "--aug_level=0.2", "--checkpoint_steps=latest,1", "--seed=5")
+              "--aug_level=0.2", "--checkpoint_steps=latest,1", "--seed=5",
+              f"--export_dir={out / 'export'}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "stage 1/2: 8 px" in r.stdout and "stage 2/2: 16 px" in r.stdout
   return out
@@ -166,6 +167,16 @@ def test_stage_resolution_that_does_not_chain(workdirs, tmp_path):
               f"--outdir={tmp_path / 'out'}")
   assert "the first stage of a cascade must be a base stage" in _error_line(r)
   assert not (tmp_path / "out").exists()
+
+
+def test_exported_stages_are_checked_to_chain(sampled):
+  export = sampled / "export"
+  spec = json.loads((export / "stage_2" / "stage.json").read_text())["spec"]
+  assert (spec["resolution"], spec["aug_level"], spec["trained_on_crops"]) == (16, 0.2, False)
+  with pytest.raises(builders.UserError, match="Stage 3 does not chain: it was trained to "
+                                               "upsample 8 -> 16 px, but the stage before"):
+    builders.load_cascade(exported=[export / "stage_1", export / "stage_2",
+                                    export / "stage_2"])
 
 
 def _flags(workdirs, tmp_path, **changes):
