@@ -19,9 +19,13 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from absl import app, flags, logging  # noqa: E402
+from diffusion_jax import hugepages  # noqa: E402
+
+if __name__ == "__main__":
+  hugepages.reexec_with_hugepages()  # before JAX loads: see diffusion_jax/hugepages.py
 
 import builders  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", None, "Train each stage up to this step instead of by time.")
