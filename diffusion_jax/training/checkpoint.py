@@ -29,12 +29,14 @@ class Checkpointer:
   """A thin wrapper of ``ocp.CheckpointManager`` keeping the last ``max_to_keep``."""
 
   def __init__(self, workdir: str | epath.PathLike, max_to_keep: int = 3,
-               async_save: bool = False):
+               async_save: bool = False, create: bool = True):
+    """``create=False`` for readers: a wrong workdir is then not left with an empty
+    ``checkpoints/``."""
     directory = epath.Path(workdir) / "checkpoints"
     # resolve() only means something for local paths ('gs://b/x' has no cwd).
     self.directory = directory.resolve() if _local(directory) else directory
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "config"))
 

@@ -203,7 +203,7 @@ def restore_ema_params(workdir: str | epath.PathLike, *, model: nn.Module,
   boxed = jax.eval_shape(lambda key: model.init(key, **inputs)["params"], jax.random.key(0))
   target = ckpt_lib.abstract_with_shardings(
       nn.unbox(boxed), sharding.shardings_from_abstract(boxed, mesh, loop.rules))
-  checkpointer = ckpt_lib.Checkpointer(workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir, create=False)
   try:
     step = _checkpoint_step(checkpointer, step)
     params = checkpointer.restore_fields({"ema_params": target}, step)["ema_params"]
@@ -220,7 +220,7 @@ def restore_text_ema_params(workdir: str | epath.PathLike, text_encoder,
   Raises ValueError when the run's encoder was frozen (its checkpoints hold no text
   params), FileNotFoundError when there is no checkpoint.
   """
-  checkpointer = ckpt_lib.Checkpointer(workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir, create=False)
   try:
     step = _checkpoint_step(checkpointer, step)
     if checkpointer.saved_fields(step).get("text_ema_params") is None:
@@ -386,9 +386,9 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
         accumulator.add(metrics)
         step += 1
         interval_steps += 1
-        out_of_time, preempted = _agree_to_stop(
-            loop.time_budget_s is not None and time.time() - start_time > loop.time_budget_s,
-            preemption.requested)
+        own_out_of_time = (loop.time_budget_s is not None and
+                           time.time() - start_time > loop.time_budget_s)
+        out_of_time, preempted = _agree_to_stop(own_out_of_time, preemption.requested)
         last = step >= loop.num_steps or out_of_time or preempted
         log_now = step % loop.log_every == 0 or last
         save_now = step % loop.checkpoint_every == 0 or last
@@ -417,11 +417,14 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
         interval_start += time.time() - pause_start
         if on_step_end is not None:
           on_step_end(step)
-        if out_of_time:
-          log(f"Time budget of {loop.time_budget_s:.0f}s reached at step {step}.")
-          break
         if preempted:
-          log(f"SIGTERM: saved a checkpoint at step {step}; exiting.")
+          log(f"SIGTERM{'' if preemption.requested else ' (on another process)'}: saved a "
+              f"checkpoint at step {step}; exiting.")
+          break
+        if out_of_time:
+          log(f"Time budget of {loop.time_budget_s:.0f}s reached at step {step}."
+              if own_out_of_time else
+              f"Another process reached its time budget at step {step}; stopping with it.")
           break
     finally:
       checkpointer.wait()
