@@ -468,6 +468,9 @@ def _make_preview(model, step_settings: StepSettings, loop: LoopSettings, text_e
 
   def preview(state, step, writer, workdir):
     out = sample(state.ema_params, state.text_ema_params, jax.random.key(loop.seed))
+    if not out.is_fully_addressable:  # sharded over several processes: every one runs this
+      from jax.experimental import multihost_utils
+      out = multihost_utils.process_allgather(out, tiled=True)
     grid_image = images.make_grid(np.asarray(jax.device_get(out)), prompts, columns=4,
                                   scale=2)
     if jax.process_index() == 0:
