@@ -206,23 +206,22 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
   d = config.data
   if d.dataset != "shapes":
     return d.dataset
-  from diffusion_jax.data import shapes_tfds
+  from diffusion_jax.data import multihost, shapes_tfds
 
   builder = shapes_tfds.shapes_builder(d.data_dir, d.resolution, d.shapes_num_train,
                                        max_objects=d.shapes_max_objects)
   name = f"shapes/{builder.builder_config.name}"
-  if not builder.is_prepared():
-    if not d.prepare:
-      raise UserError(f"Dataset {name} is not prepared in {d.data_dir}; run "
-                      f"{shapes_tfds.prepare_command(d.data_dir, name.split('/', 1)[1])} "
-                      "or set config.data.prepare=True.")
-    print(f"Preparing {name} in {d.data_dir} (once) ...", flush=True)
-    import tensorflow_datasets as tfds
-
-    tfds.disable_progress_bar()
-    pathlib.Path(d.data_dir).mkdir(parents=True, exist_ok=True)
-    shapes_tfds.prepare_shapes(d.data_dir, d.resolution, d.shapes_num_train,
-                               max_objects=d.shapes_max_objects)
+  if d.prepare:
+    # Every process calls this, prepared or not: process 0 prepares (if needed) while the
+    # others wait, then they find it prepared (diffusion_jax.data.multihost).
+    multihost.prepare_once(
+        lambda: shapes_tfds.prepare_shapes(d.data_dir, d.resolution, d.shapes_num_train,
+                                           max_objects=d.shapes_max_objects, log=print),
+        key=f"{name}@{d.data_dir}")
+  elif not builder.is_prepared():
+    raise UserError(f"Dataset {name} is not prepared in {d.data_dir}; run "
+                    f"{shapes_tfds.prepare_command(d.data_dir, name.split('/', 1)[1])} "
+                    "or set config.data.prepare=True.")
   return name
 
 
