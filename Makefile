@@ -5,9 +5,6 @@ PY := $(VENV)/bin/python
 # Re-install when the package's dependencies change.
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-# glibc backs XLA:CPU's large buffers with transparent huge pages (diffusion_jax/hugepages.py;
-# the experiment scripts set this themselves). Ignored where glibc or the kernel can't.
-HUGEPAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 .PHONY: test test-all demo lint bench bench-peer clean
 
@@ -21,11 +18,11 @@ $(STAMP): setup.py Makefile
 
 # The suite CI runs: everything but tests marked slow.
 test: $(STAMP)
-	$(HUGEPAGES) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Including slow tests.
 test-all: $(STAMP)
-	$(HUGEPAGES) $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Trains a small base and super-resolution stage on CPU by wall-clock budget, samples
 # held-out prompts, writes runs/demo/samples.png. DEMO_STEPS=N trains to step N instead.

@@ -25,11 +25,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from diffusion_jax import hugepages  # noqa: E402
-
-if __name__ == "__main__":
-  hugepages.reexec_with_hugepages()  # before JAX loads: see diffusion_jax/hugepages.py
-
 import builders  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

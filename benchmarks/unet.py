@@ -213,6 +213,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from diffusion_jax import hugepages
-  hugepages.reexec_with_hugepages()  # before JAX starts: see diffusion_jax/hugepages.py
   main()

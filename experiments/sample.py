@@ -19,11 +19,6 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from diffusion_jax import hugepages  # noqa: E402
-
-if __name__ == "__main__":
-  hugepages.reexec_with_hugepages()  # before JAX loads: see diffusion_jax/hugepages.py
-
 import builders  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
