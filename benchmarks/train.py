@@ -8,7 +8,7 @@ Builds exactly what experiments/train.py builds from the config (U-Net, optimize
 step with its shardings and donated state, on the config's mesh), feeds it random batches
 of the configured shapes (so the input pipeline and text encoder are not timed; see
 benchmarks/data.py and benchmarks/text.py for those), and prints one table row:
-median step time, steps/s, images/s, GFLOP per step from XLA's cost analysis, achieved
+median step time, steps/s, images/s, model GFLOP per step (benchmarks/common.py), achieved
 GFLOP/s as a fraction of a float32 matmul's (measured in the same process, right after
 the timed steps), and the process's peak RSS.
 """
@@ -24,8 +24,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import builders  # noqa: E402
+import common  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -33,21 +35,6 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
 flags.mark_flags_as_required(["config"])
-
-
-def matmul_peak_gflops(size: int = 2048, reps: int = 10) -> float:
-  """Best-of-``reps`` GFLOP/s of a float32 [size, size] matmul under jit."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best / 1e9
 
 
 def random_batch(key, batch_size: int, resolution: int, lowres: int | None, channels: int,
@@ -100,9 +87,7 @@ def measure(config, steps: int) -> dict:
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch, null_cond).compile()
     compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", float("nan")))
+    flops = common.model_gflop(step_fn, state, batch, null_cond) * 1e9
 
   state, metrics = compiled(state, batch, null_cond)  # warm-up
   jax.block_until_ready(metrics)
@@ -116,7 +101,7 @@ def measure(config, steps: int) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   return dict(params=num_params, batch=loop.batch_size,
               resolution=loop.resolution, devices=mesh.size, compile_s=compile_s,
-              step_s=step_s, gflop=flops / 1e9, peak_gflops=matmul_peak_gflops(),
+              step_s=step_s, gflop=flops / 1e9, peak_gflops=common.matmul_peak_gflops(),
               rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 

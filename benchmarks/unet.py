@@ -7,9 +7,10 @@
   .venv/bin/python benchmarks/unet.py --params              # parameter count of every preset
 
 Each resolution runs in its own subprocess, so "peak RSS" is that resolution's alone.
-FLOPs per train step come from XLA's cost analysis of the compiled step; the fraction of
-peak divides the achieved FLOP/s by a 2048x2048 float32 matmul's, measured in the same
-process.
+FLOPs per train step are the model's, from XLA's cost analysis (benchmarks/common.py:
+long-sequence attention counted as dense, without its backward-pass recomputation); the
+fraction of peak divides the achieved FLOP/s by a 2048x2048 float32 matmul's, measured
+in the same process.
 
 ``--peer`` runs imagen-pytorch 2.1.0's Unet of the same configuration
 (benchmarks/peer_imagen_pytorch.py, torch CPU, 2 threads) in its own subprocess right
@@ -37,6 +38,8 @@ import subprocess
 import sys
 import time
 
+import common
+
 PEER = {32: dict(train=9.3, forward=16 / 0.53, rss_gb=2.3),
         64: dict(train=1.33, forward=16 / 3.85, rss_gb=7.5)}
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
@@ -57,20 +60,6 @@ def parse_args(argv=None):
                       help="print every preset's parameter count (jax.eval_shape) and exit")
   parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
-
-
-def matmul_peak_gflops(size: int = 2048, reps: int = 10) -> float:
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best / 1e9
 
 
 def time_calls(fn, steps: int) -> tuple[float, float]:
@@ -122,9 +111,7 @@ def run_one(args, resolution: int) -> dict:
   start = time.perf_counter()
   compiled = step.lower(params, opt_state, inputs, target, key).compile()
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", float("nan")))
+  flops = common.model_gflop(step, params, opt_state, inputs, target, key) * 1e9
   state = [params, opt_state]
 
   def one_step():
@@ -135,7 +122,7 @@ def run_one(args, resolution: int) -> dict:
   forward = jax.jit(lambda p, inp: model.apply({"params": p}, **inp))
   forward_s, _ = time_calls(lambda: forward(state[0], inputs), args.steps)
   # The peak is measured between the timed runs so that both see the same machine load.
-  peak = matmul_peak_gflops()
+  peak = common.matmul_peak_gflops()
   rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   return dict(resolution=resolution, batch=args.batch, params=num_params, gflop=flops / 1e9,
               compile_s=compile_s, train_s=train_s, train_cpu_s=train_cpu_s,

@@ -89,6 +89,7 @@ def test_eight_devices_fsdp_and_tensor_parallel_match_one_device():
   print(result.stdout)
   assert result.returncode == 0, result.stdout + result.stderr[-3000:]
   assert result.stdout.count("equal single-device within 1e-5") == 2
+  assert result.stdout.count("pairwise attention in shard_map") == 2
 
 
 def _free_port():

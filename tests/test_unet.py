@@ -169,6 +169,33 @@ def test_dropout_only_in_training():
   assert float(jnp.abs(run(jax.random.key(1), True) - run(jax.random.key(2), True)).max()) > 0
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_pairwise_attention_equals_dense(masked):
+  """The long-sequence path (one (image, head) pair at a time, recomputed in the backward
+  pass) gives the dense result and gradients."""
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (3, 2, 40, 8))
+  k, v = (jax.random.normal(key, (3, 2, 24, 8)) for key in ks[1:3])
+  mask = jax.random.bernoulli(ks[3], 0.6, (3, 24)).at[:, 0].set(True) if masked else None
+
+  def loss(q, k, v, pairwise):
+    return jnp.sum(jnp.sin(layers.attention(q, k, v, mask, pairwise=pairwise)))
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  (dense, dense_grads), (pairs, pair_grads) = grad(q, k, v, False), grad(q, k, v, True)
+  np.testing.assert_allclose(pairs, dense, rtol=1e-6)
+  for a, b in zip(pair_grads, dense_grads, strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-6)
+  # Long sequences take the pairwise path (a loop over the pairs) by default.
+  long_q = jax.random.normal(ks[0], (2, 1, layers.PAIRWISE_MIN_POSITIONS // 24 + 1, 8))
+  k, v = k[:2, :1], v[:2, :1]
+  np.testing.assert_allclose(layers.attention(long_q, k, v),
+                             layers.dense_attention(long_q, k, v), atol=1e-6)
+  assert "stablehlo.while" in jax.jit(layers.attention).lower(long_q, k, v).as_text()
+  assert "stablehlo.while" not in jax.jit(layers.attention).lower(long_q[:, :, :-1], k,
+                                                                   v).as_text()
+
+
 def test_logsnr_features_are_finite_at_the_ends():
   feats = layers.logsnr_features(jnp.array([-jnp.inf, -3.0, 0.0, 3.0, jnp.inf]), 16)
   assert feats.shape == (5, 16) and bool(jnp.all(jnp.isfinite(feats)))

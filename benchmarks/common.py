@@ -1,0 +1,48 @@
+"""Measurements the benchmark scripts share: the machine's matmul peak and model FLOPs."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+
+def matmul_peak_gflops(size: int = 2048, reps: int = 10) -> float:
+  """Best-of-``reps`` GFLOP/s of a float32 [size, size] matmul under jit."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best / 1e9
+
+
+@contextlib.contextmanager
+def dense_attention():
+  """Makes every attention layer traced inside take the dense path."""
+  from diffusion_jax.models import layers
+  saved = layers.PAIRWISE_MIN_POSITIONS
+  layers.PAIRWISE_MIN_POSITIONS = float("inf")
+  try:
+    yield
+  finally:
+    layers.PAIRWISE_MIN_POSITIONS = saved
+
+
+def model_gflop(jitted, *args) -> float:
+  """GFLOP of one call of ``jitted(*args)`` as the model defines them.
+
+  XLA's cost analysis counts the body of a loop once, whatever its trip count, so the
+  pairwise attention of long sequences (a loop over (image, head) pairs, see
+  ``layers.attention``) would hide most of its FLOPs. This counts the same computation
+  with dense attention instead, from the unoptimised HLO (no compile), and so excludes
+  the pairs' recomputation in the backward pass, as model-FLOP utilisation does.
+  """
+  with dense_attention():
+    cost = jitted.lower(*args).cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", float("nan"))) / 1e9
