@@ -81,6 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.resolution = 32
   c.data.lowres_resolution = config_dict.placeholder(int)
   c.data.crop = "center"             # center | random
+  # shapes only: render the scenes at this size (default: data.resolution); larger than
+  # data.resolution with crop="random" trains on crops (Imagen's super-resolution stages)
+  c.data.shapes_resolution = config_dict.placeholder(int)
   c.data.shapes_num_train = 20_000   # shapes only: examples to prepare if missing
   c.data.shapes_max_objects = 3
   c.data.prepare = True              # shapes only: prepare the dataset if it is missing

@@ -1,4 +1,4 @@
-r"""Demo base stage: text -> 32 px shapes on CPU in minutes (~1.7M-param U-Net).
+r"""Demo base stage: text -> 32 px shapes on CPU in minutes (1.1M-param U-Net).
 
   python experiments/train.py --config=configs/demo_base.py --workdir=runs/demo/base
 

@@ -208,14 +208,19 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
     return d.dataset
   from diffusion_jax.data import multihost, shapes_tfds
 
-  builder = shapes_tfds.shapes_builder(d.data_dir, d.resolution, d.shapes_num_train,
+  render = d.shapes_resolution or d.resolution
+  if render < d.resolution:
+    raise ConfigError(f"config.data.shapes_resolution={render} is smaller than "
+                      f"config.data.resolution={d.resolution}; render at least at the "
+                      "training resolution (larger, with crop='random', trains on crops).")
+  builder = shapes_tfds.shapes_builder(d.data_dir, render, d.shapes_num_train,
                                        max_objects=d.shapes_max_objects)
   name = f"shapes/{builder.builder_config.name}"
   if d.prepare:
     # Every process calls this, prepared or not: process 0 prepares (if needed) while the
     # others wait, then they find it prepared (diffusion_jax.data.multihost).
     multihost.prepare_once(
-        lambda: shapes_tfds.prepare_shapes(d.data_dir, d.resolution, d.shapes_num_train,
+        lambda: shapes_tfds.prepare_shapes(d.data_dir, render, d.shapes_num_train,
                                            max_objects=d.shapes_max_objects, log=print),
         key=f"{name}@{d.data_dir}")
   elif not builder.is_prepared():
