@@ -6,11 +6,10 @@ import itertools
 import json
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 import textwrap
 
+import local_cluster
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -396,24 +395,13 @@ _PREPARE_WORKER = textwrap.dedent("""
 
 def test_prepare_once_with_two_jax_processes(tmp_path):
   """Two real JAX processes on a shared data_dir: process 1 finds process 0's dataset."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = local_cluster.free_port()
   root = pathlib.Path(__file__).resolve().parent.parent
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-  procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_WORKER, str(port), str(i),
-                             str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=240))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  assert all(p.returncode == 0 for p in procs), "\n".join(err[-2000:] for _, err in outputs)
+  outputs = local_cluster.run_together(
+      [[sys.executable, "-c", _PREPARE_WORKER, str(port), str(i), str(tmp_path)]
+       for i in range(2)], env, timeout=240)
   results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
   assert [r["name"] for r in results] == ["shapes/16px_16"] * 2
   assert [r["found_prepared"] for r in results] == [False, True]

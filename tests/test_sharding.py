@@ -3,12 +3,12 @@ two-process jax.distributed cluster, each checked against one device."""
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import flax.linen as nn
 import jax
+import local_cluster
 import numpy as np
 import pytest
 import sharding_helpers as helpers  # tests/ is on sys.path under pytest
@@ -92,28 +92,12 @@ def test_eight_devices_fsdp_and_tensor_parallel_match_one_device():
   assert result.stdout.count("pairwise attention in shard_map") == 2
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_agree_on_a_sharded_forward(tmp_path):
-  port = _free_port()
+  port = local_cluster.free_port()
   env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = [subprocess.Popen(
-      [sys.executable, str(TESTS / "multihost_worker.py"), str(port), str(i), str(tmp_path)],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  logs = []
-  try:
-    for proc in procs:
-      logs.append(proc.communicate(timeout=400)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  local_cluster.run_together(
+      [[sys.executable, str(TESTS / "multihost_worker.py"), str(port), str(i), str(tmp_path)]
+       for i in range(2)], env, timeout=400)
   outs = [np.load(tmp_path / f"out_{i}.npz") for i in range(2)]
   np.testing.assert_array_equal(outs[0]["sharded"], outs[1]["sharded"])
   assert outs[0]["sharded"].shape == (8, 8, 8, 3)

@@ -6,13 +6,13 @@ import json
 import math
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import flax.linen as nn
 import jax
+import local_cluster
 import numpy as np
 import pytest
 import training_helpers as th
@@ -275,31 +275,15 @@ def test_sharded_training_matches_single_device_and_restores_unsharded(tmp_path)
 
 # --- multi-process: stopping together, per-process data states ---
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _two_processes(workdir, steps, *extra_of_process):
-  port = _free_port()
+  port = local_cluster.free_port()
   env = dict(__import__("os").environ,
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = [subprocess.Popen(
-      [sys.executable, str(WORKER), str(workdir), str(steps), "--port", str(port),
-       "--process-id", str(i), *map(str, extra_of_process[i])],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  logs = []
-  try:
-    for proc in procs:
-      logs.append(proc.communicate(timeout=600)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-  return logs
+  outputs = local_cluster.run_together(
+      [[sys.executable, str(WORKER), str(workdir), str(steps), "--port", str(port),
+        "--process-id", str(i), *map(str, extra_of_process[i])] for i in range(2)],
+      env, timeout=600)
+  return [out + err for out, err in outputs]
 
 
 @pytest.mark.slow
