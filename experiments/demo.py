@@ -20,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import builders  # noqa: E402
+import sampling  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -79,7 +80,7 @@ def main(argv):
       guidance_scale = ["3", "1"]
       threshold, percentile, aug_level, export_dir = None, None, None, None
 
-    final_grid = builders.run_sampling(Flags)
+    final_grid = sampling.run_sampling(Flags)
   except builders.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

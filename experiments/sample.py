@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import builders  # noqa: E402
+import sampling  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,7 +51,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   builders.setup_compilation_cache()
   try:
-    builders.run_sampling(FLAGS)
+    sampling.run_sampling(FLAGS)
   except builders.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -122,15 +122,15 @@ def test_jointly_trained_text_encoder_end_to_end(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "trained text-encoder parameters" in r.stdout
   sys.path.insert(0, str(ROOT / "experiments"))
-  import builders
   import jax
   import numpy as np
+  import sampling
 
   from diffusion_jax.text import TextEncoder
   from diffusion_jax.training import loop as loop_lib
 
   run = str(tmp_path / "run")
-  encoder = builders.sampling_text_encoder([builders.load_workdir_config(run)], [run])
+  encoder = sampling.sampling_text_encoder([sampling.load_workdir_config(run)], [run])
   initial = TextEncoder.from_pretrained("t5-offline", max_length=encoder.max_length)
   assert "+trained:" in encoder.encoder_id and encoder.encoder_id != initial.encoder_id
   saved, step = loop_lib.restore_text_ema_params(run, initial)

@@ -20,6 +20,7 @@ SAMPLE = ROOT / "experiments" / "sample.py"
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import builders  # noqa: E402
+import sampling  # noqa: E402
 
 from configs import demo_base, demo_sr  # noqa: E402
 from diffusion_jax import images  # noqa: E402
@@ -33,8 +34,9 @@ def _tiny(config, resolution, lowres=None):
   config.data.resolution = resolution
   config.diffusion.schedule_kwargs.resolution = resolution
   config.diffusion.schedule_kwargs.base_resolution = lowres or resolution
-  if lowres:
+  if lowres:  # a full-frame SR stage (demo_sr itself trains on crops), so it must chain
     config.data.lowres_resolution = lowres
+    config.data.crop, config.data.shapes_resolution = "center", None
   config.text.encoder, config.text.max_length, config.text.cache_dir = "t5-offline", 32, None
   config.train.batch_size, config.train.num_steps = 4, 2
   config.train.checkpoint_every, config.train.preview_every = 1, 0
@@ -175,7 +177,7 @@ def test_exported_stages_are_checked_to_chain(sampled):
   assert (spec["resolution"], spec["aug_level"], spec["trained_on_crops"]) == (16, 0.2, False)
   with pytest.raises(builders.UserError, match="Stage 3 does not chain: it was trained to "
                                                "upsample 8 -> 16 px, but the stage before"):
-    builders.load_cascade(exported=[export / "stage_1", export / "stage_2",
+    sampling.load_cascade(exported=[export / "stage_1", export / "stage_2",
                                     export / "stage_2"])
 
 
@@ -201,6 +203,6 @@ def _flags(workdirs, tmp_path, **changes):
 ])
 def test_bad_sampling_flags_fail_before_loading(workdirs, tmp_path, changes, message):
   with pytest.raises(builders.UserError) as e:
-    builders.run_sampling(_flags(workdirs, tmp_path, **changes))
+    sampling.run_sampling(_flags(workdirs, tmp_path, **changes))
   assert message in str(e.value) and "\n" not in str(e.value)
   assert not (tmp_path / "out").exists()

@@ -340,6 +340,7 @@ def test_sampling_uses_the_jointly_trained_encoder(trained_text, monkeypatch):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
   import builders
   import ml_collections
+  import sampling
 
   workdir, encoder, state = trained_text
   # The run's config names its encoder; this one is the tiny T5 it trained.
@@ -348,16 +349,16 @@ def test_sampling_uses_the_jointly_trained_encoder(trained_text, monkeypatch):
   config = ml_collections.ConfigDict({
       "text": {"encoder": "tiny", "max_length": th.TEXT_LEN, "cache_dir": None,
                "trainable": True}, "mesh": {"data": -1, "model": 1, "rules": "fsdp"}})
-  sampler = builders.sampling_text_encoder([config], [str(workdir)])
+  sampler = sampling.sampling_text_encoder([config], [str(workdir)])
   assert not sampler.trainable and "+trained:" in sampler.encoder_id
   tokens, mask = encoder.tokenize(["a red circle"])
   np.testing.assert_allclose(sampler.encode(["a red circle"])[0],
                              encoder.apply(state.text_ema_params, tokens, mask), atol=1e-6)
   with pytest.raises(builders.UserError, match="sample that stage alone"):
-    builders.sampling_text_encoder([config, config], [str(workdir), str(workdir)])
+    sampling.sampling_text_encoder([config, config], [str(workdir), str(workdir)])
   frozen = ml_collections.ConfigDict(config.to_dict())
   frozen.text.trainable = False  # a frozen run samples with the configured encoder
-  assert "+trained" not in builders.sampling_text_encoder([frozen], [str(workdir)]).encoder_id
+  assert "+trained" not in sampling.sampling_text_encoder([frozen], [str(workdir)]).encoder_id
 
 
 def test_a_frozen_text_encoder_stays_out_of_the_state(tmp_path):
