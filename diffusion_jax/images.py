@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import pathlib
+import io
+import os
 import textwrap
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 
@@ -45,11 +47,18 @@ def make_grid(images: np.ndarray, captions: list[str] | None = None, columns: in
   return np.asarray(canvas)
 
 
-def save_png(image_uint8: np.ndarray, path: str | pathlib.Path) -> pathlib.Path:
-  """Writes an image atomically (temp file + rename), so a crash never leaves half a PNG."""
-  path = pathlib.Path(path)
+def save_png(image_uint8: np.ndarray, path: str | os.PathLike) -> epath.Path:
+  """Writes a PNG to a local or remote (``gs://...``, via ``etils.epath``) path. Locally
+  atomically (temp file + rename), so a crash never leaves half a PNG; remote object
+  stores write whole objects anyway."""
+  path = epath.Path(path)
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(image_uint8)).save(buffer, format="PNG")
   path.parent.mkdir(parents=True, exist_ok=True)
+  if "://" in str(path):
+    path.write_bytes(buffer.getvalue())
+    return path
   tmp = path.with_name(path.name + ".tmp")
-  Image.fromarray(np.asarray(image_uint8)).save(tmp, format="PNG")
+  tmp.write_bytes(buffer.getvalue())
   tmp.replace(path)
   return path

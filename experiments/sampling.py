@@ -124,7 +124,7 @@ def training_stage(workdir: str, text_width: int, previous_resolution: int | Non
   model = unet_lib.UNet(model_cfg)
   try:
     params, step = loop_lib.restore_ema_params(
-        workdir, model=model, optimizer=builders.optimizer_settings(config),
+        workdir, model=model,
         loop=builders.loop_settings(config), text_len=config.text.max_length, text_dim=text_width,
         step=step)
   except (FileNotFoundError, ValueError) as e:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import signal
 import time
@@ -188,15 +187,12 @@ def state_spec(model: nn.Module, tx, inputs: dict, mesh, rules,
 
 
 def restore_ema_params(workdir: str | epath.PathLike, *, model: nn.Module,
-                       optimizer: state_lib.OptimizerSettings | None = None,
                        loop: LoopSettings, text_len: int, text_dim: int,
                        step: int | None = None):
   """(EMA params of a training run's latest (or given) checkpoint, its step), placed on
   this process's mesh. Only the U-Net's EMA params are read (a partial restore: the
-  optimizer state and a jointly trained text encoder stay on disk); ``optimizer`` is
-  not needed and only kept for callers that pass it.
+  optimizer state and a jointly trained text encoder stay on disk).
   """
-  del optimizer
   mesh = sharding.make_mesh(dict(loop.mesh_axes))
   inputs = init_inputs(model.config, loop.resolution, loop.lowres_resolution, text_len,
                        text_dim)
@@ -474,22 +470,8 @@ def _make_preview(model, step_settings: StepSettings, loop: LoopSettings, text_e
     grid_image = images.make_grid(np.asarray(jax.device_get(out)), prompts, columns=4,
                                   scale=2)
     if jax.process_index() == 0:
-      _write_png(grid_image, epath.Path(workdir) / "previews" / f"step_{step}.png")
+      images.save_png(grid_image, epath.Path(workdir) / "previews" / f"step_{step}.png")
       writer.write_image(step, "preview", grid_image)
 
   return preview
 
-
-def _write_png(image_uint8: np.ndarray, path: epath.Path) -> None:
-  """Writes a PNG to a local or remote path (via a temporary name where renames exist)."""
-  from PIL import Image
-
-  buffer = io.BytesIO()
-  Image.fromarray(image_uint8).save(buffer, format="PNG")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if "://" in str(path):
-    path.write_bytes(buffer.getvalue())
-    return
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buffer.getvalue())
-  tmp.replace(path)
