@@ -1,4 +1,5 @@
-"""Measurements the benchmark scripts share: the machine's matmul peak and model FLOPs."""
+"""Measurements the benchmark scripts share: median timings, the machine's matmul peak and
+model FLOPs."""
 
 from __future__ import annotations
 
@@ -21,16 +22,39 @@ def matmul_peak_gflops(size: int = 2048, reps: int = 10) -> float:
   return 2 * size**3 / best / 1e9
 
 
+def median_seconds(fn, calls: int) -> float:
+  """Median wall seconds of ``fn()`` (its outputs waited for) over ``calls`` calls, after
+  one warm-up call."""
+  import jax
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return sorted(times)[len(times) // 2]
+
+
 @contextlib.contextmanager
 def dense_attention():
-  """Makes every attention layer traced inside take the dense path."""
+  """Makes every attention layer traced inside take the dense path.
+
+  The threshold is read when a function is traced, and jit reuses the trace of a function
+  it has already traced, so JAX's caches are cleared on the way in (a step compiled before
+  would otherwise be counted with its pairwise loop) and on the way out (so nothing
+  traced here is reused afterwards).
+  """
+  import jax
+
   from diffusion_jax.models import layers
   saved = layers.PAIRWISE_MIN_POSITIONS
   layers.PAIRWISE_MIN_POSITIONS = float("inf")
+  jax.clear_caches()
   try:
     yield
   finally:
     layers.PAIRWISE_MIN_POSITIONS = saved
+    jax.clear_caches()
 
 
 def model_gflop(jitted, *args) -> float:

@@ -1,5 +1,5 @@
 """Data throughput against what the train step consumes: shapes preparation (examples/s) and the
-input pipeline at 32, 64 and 256 px, each row beside the train step it feeds.
+input pipeline of each demo stage (and of a 256 px stage), each row beside the train step it feeds.
 
   .venv/bin/python benchmarks/data.py                          # ~3-5 min on 2 cores, mostly
                                                                # compiling the three steps
@@ -15,12 +15,12 @@ margin = pipeline examples/s / step images/s, each measured alone on the same ma
 training both share the cores, so a margin of m means the pipeline needs about 1/m of the CPU
 time; the pipeline must keep >= 10x ahead, and rows below that are flagged.
 
-What each pipeline row feeds:
-  32 px                     demo_base (configs/demo_base.py)
-  64 px + 32 px             demo_sr (configs/demo_sr.py)
-  64 px crops of 256 px     demo_sr fed random crops, as Imagen's 1024 px stage trains on
-                            256 px crops of 1024 px images (here at a quarter of the scale)
-  256 px + 64 px            demo_sr's U-Net run at 256 <- 64 px, batch 4 ("demo_sr@256"): the
+Each pipeline row is the input of one stage, read from its config (so a config change is
+measured as it trains):
+  demo_base                 configs/demo_base.py (32 px)
+  demo_sr                   configs/demo_sr.py (random 32 px crops of 64 px scenes + 16 px
+                            low-res, as Imagen's 1024 px stage trains on crops)
+  demo_sr@256               demo_sr's U-Net run at 256 <- 64 px, full frame, batch 4: the
                             cheapest 256 px stage in the repo, so the strictest check; the
                             paper's sr256 preset consumes far fewer images per second.
 """
@@ -46,13 +46,6 @@ from diffusion_jax.data.pipeline import InputPipeline
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STAGES = ("demo_base", "demo_sr", "demo_sr@256")
 MARGIN = 10.0
-# label, dataset resolution, resolution, lowres resolution, crop, the stage it feeds
-PIPELINE_ROWS = (
-    ("32px, center", 32, 32, None, "center", "demo_base"),
-    ("64px + lowres 32px, center", 64, 64, 32, "center", "demo_sr"),
-    ("64px crops of 256px + lowres 32px", 256, 64, 32, "random", "demo_sr"),
-    ("256px + lowres 64px, center", 256, 256, 64, "center", "demo_sr@256"),
-)
 
 
 def stage_config(stage: str, batch_256: int):
@@ -65,8 +58,19 @@ def stage_config(stage: str, batch_256: int):
     config.data.resolution, config.data.lowres_resolution = 256, 64
     config.diffusion.schedule_kwargs.resolution = 256
     config.train.batch_size = batch_256
+    config.data.shapes_resolution, config.data.crop = None, "center"
   config.text.cache_dir = None  # the step needs only the empty prompt's embedding
   return config
+
+
+def pipeline_row(stage: str, config) -> tuple:
+  """(label, dataset resolution, resolution, lowres resolution, crop, stage): the input
+  pipeline exactly as the stage's config trains on it."""
+  d = config.data
+  data_res = d.shapes_resolution or d.resolution
+  label = f"{d.resolution}px" + (f" crops of {data_res}px" if d.crop == "random" else "")
+  label += (f" + lowres {d.lowres_resolution}px" if d.lowres_resolution else "") + f", {d.crop}"
+  return label, data_res, d.resolution, d.lowres_resolution, d.crop, stage
 
 
 def _cpu_seconds() -> float:
@@ -148,11 +152,12 @@ def main(argv=None):
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench_tfds_")
   os.makedirs(data_dir, exist_ok=True)
   configs = {stage: stage_config(stage, args.batch_256) for stage in STAGES}
+  rows = [pipeline_row(stage, config) for stage, config in configs.items()]
   print(f"data_dir={data_dir}  cpus={os.cpu_count()}  "
         f"load average at start={os.getloadavg()[0]:.1f}")
   try:
     print(f"\n{'preparation':<28}{'examples':>10}{'wall s':>10}{'ex/s':>10}{'cpu s':>10}")
-    for resolution in (32, 64, 256):
+    for resolution in sorted({row[1] for row in rows}):
       result = time_preparation(data_dir, resolution, args.num_train)
       if result is None:
         print(f"shapes {resolution}px (already prepared, not timed)")
@@ -163,7 +168,7 @@ def main(argv=None):
 
     print(f"\n{'pipeline':<40}{'batch':>7}{'ex/s':>10}")
     rates = []
-    for label, data_res, res, lowres, crop, stage in PIPELINE_ROWS:
+    for label, data_res, res, lowres, crop, stage in rows:
       batch = configs[stage].train.batch_size
       rate = time_pipeline(data_dir, data_res, args.num_train, res, lowres, crop, batch,
                            args.examples)
@@ -181,7 +186,7 @@ def main(argv=None):
 
   print(f"\n{'pipeline':<40}{'ex/s':>8}   {'feeds':<13}{'img/s':>8}{'margin':>9}")
   below = 0
-  for (label, *_, stage), rate in zip(PIPELINE_ROWS, rates, strict=True):
+  for (label, *_, stage), rate in zip(rows, rates, strict=True):
     if stage not in steps:
       print(f"{label:<40}{rate:>8.0f}   {stage:<13}{'-':>8}{'-':>9}")
       continue

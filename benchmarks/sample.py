@@ -2,7 +2,7 @@
 each sampler at its usual step count, without and with classifier-free guidance, and
 compile time separately.
 
-The cascade is the CPU demo's: ``demo_base`` (text -> 32 px, ~1.7M params) then
+The cascade is the CPU demo's: ``demo_base`` (text -> 32 px, 1.1M params) then
 ``demo_sr`` (32 -> 64 px), random params of the right shapes (speed does not depend on
 the values), dynamic thresholding, conditioned on the default text encoder
 (``minilm-l6-offline``; ``--text=random`` uses random [B, 16, 384] embeddings instead).

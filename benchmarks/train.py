@@ -89,15 +89,14 @@ def measure(config, steps: int) -> dict:
     compile_s = time.perf_counter() - start
     flops = common.model_gflop(step_fn, state, batch, null_cond) * 1e9
 
-  state, metrics = compiled(state, batch, null_cond)  # warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch, null_cond)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  step_s = sorted(times)[len(times) // 2]
+  carry = [state]
+
+  def one_step():
+    carry[0], metrics = compiled(carry[0], batch, null_cond)
+    return metrics
+
+  step_s = common.median_seconds(one_step, steps)
+  state = carry[0]
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   return dict(params=num_params, batch=loop.batch_size,
               resolution=loop.resolution, devices=mesh.size, compile_s=compile_s,

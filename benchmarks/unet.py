@@ -62,23 +62,6 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def time_calls(fn, steps: int) -> tuple[float, float]:
-  """Median wall seconds and median process CPU seconds per call, after a warm-up call.
-
-  CPU seconds are the steadier figure when other jobs share the machine (wall time then
-  includes waiting for a core); on an idle 2-core machine they are about 2x wall time.
-  """
-  import jax
-  jax.block_until_ready(fn())
-  wall, cpu = [], []
-  for _ in range(steps):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn())
-    wall.append(time.perf_counter() - start)
-    cpu.append(time.process_time() - start_cpu)
-  return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
-
-
 def run_one(args, resolution: int) -> dict:
   import flax.linen as nn
   import jax
@@ -118,14 +101,14 @@ def run_one(args, resolution: int) -> dict:
     state[0], state[1], loss = compiled(state[0], state[1], inputs, target, key)
     return loss
 
-  train_s, train_cpu_s = time_calls(one_step, args.steps)
+  train_s = common.median_seconds(one_step, args.steps)
   forward = jax.jit(lambda p, inp: model.apply({"params": p}, **inp))
-  forward_s, _ = time_calls(lambda: forward(state[0], inputs), args.steps)
+  forward_s = common.median_seconds(lambda: forward(state[0], inputs), args.steps)
   # The peak is measured between the timed runs so that both see the same machine load.
   peak = common.matmul_peak_gflops()
   rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   return dict(resolution=resolution, batch=args.batch, params=num_params, gflop=flops / 1e9,
-              compile_s=compile_s, train_s=train_s, train_cpu_s=train_cpu_s,
+              compile_s=compile_s, train_s=train_s,
               train_ips=args.batch / train_s,
               forward_ips=args.batch / forward_s, gflops=flops / 1e9 / train_s,
               peak_gflops=peak, rss_gb=rss_gb)
