@@ -4,8 +4,9 @@ r"""Train-step throughput of any experiment config: steps/s, images/s, efficienc
   .venv/bin/python benchmarks/train.py --config=configs/demo_sr.py --steps=5 \
       --config.train.batch_size=64 --config.model.remat=True
 
-Builds exactly what experiments/train.py builds from the config (U-Net, optimizer, train
-step with its shardings and donated state, on the config's mesh), feeds it random batches
+Builds what experiments/train.py builds from the config (U-Net, optimizer, the train step
+with its state sharded and donated, on the config's mesh; a frozen text encoder only, as
+the demo and paper configs use), feeds it random batches
 of the configured shapes (so the input pipeline and text encoder are not timed; see
 benchmarks/data.py and benchmarks/text.py for those), and prints one table row:
 median step time, steps/s, images/s, model GFLOP per step (benchmarks/common.py), achieved
@@ -63,6 +64,10 @@ def measure(config, steps: int) -> dict:
   from diffusion_jax.training import state as state_lib
   from diffusion_jax.training.step import train_step
 
+  if config.text.trainable:
+    raise builders.UserError("benchmarks/train.py times steps on precomputed text embeddings; "
+                             "config.text.trainable=True (the encoder inside the step) is not "
+                             "supported here: time it with experiments/train.py's images_per_s.")
   model = unet_lib.UNet(builders.unet_config(config))
   step_settings = builders.step_settings(config)
   optimizer = builders.optimizer_settings(config)
