@@ -200,13 +200,16 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
   return name
 
 
-def data_factory(config: ml_collections.ConfigDict):
-  """A zero-argument function returning the training input pipeline (checked now)."""
+def data_factory(config: ml_collections.ConfigDict, dataset: str | None = None):
+  """A zero-argument function returning the training input pipeline (checked now).
+
+  ``dataset``: ``dataset_name(config)`` if already known (it may prepare the data).
+  """
   from diffusion_jax.data import pipeline
 
   d = config.data
   kwargs = dict(
-      dataset=dataset_name(config), data_dir=d.data_dir, split=d.split,
+      dataset=dataset or dataset_name(config), data_dir=d.data_dir, split=d.split,
       image_key=d.image_key,
       caption_key=None if d.label_key is not None else d.caption_key,
       label_key=d.label_key, caption_template=d.caption_template,
@@ -223,22 +226,25 @@ def data_factory(config: ml_collections.ConfigDict):
   return make
 
 
-def dataset_captions(config: ml_collections.ConfigDict) -> list[str] | None:
+def dataset_captions(config: ml_collections.ConfigDict,
+                     dataset: str | None = None) -> list[str] | None:
   """Every caption of the training split when they can be listed cheaply, else None: the
   shapes dataset's (read from its prepared split without decoding images, ~2 s for 20k)
-  or a class-label dataset's (its caption template over the label names)."""
+  or a class-label dataset's (its caption template over the label names).
+
+  ``dataset``: ``dataset_name(config)`` if already known (it may prepare the data)."""
   import tensorflow_datasets as tfds
 
   d = config.data
   if d.label_key is not None:
-    builder = tfds.builder(dataset_name(config), data_dir=d.data_dir)
+    builder = tfds.builder(dataset or dataset_name(config), data_dir=d.data_dir)
     names = getattr(builder.info.features[d.label_key], "names", None)
     if not names:
       return None
     return [d.caption_template.format(label=n.replace("_", " ")) for n in names]
   if d.dataset != "shapes":
     return None  # an open-ended caption set: encoded (and cached) as batches arrive
-  builder = tfds.builder(dataset_name(config), data_dir=d.data_dir)
+  builder = tfds.builder(dataset or dataset_name(config), data_dir=d.data_dir)
   source = builder.as_data_source(split=d.split,
                                   decoders={d.image_key: tfds.decode.SkipDecoding()})
   examples = source.__getitems__(range(len(source)))
@@ -274,9 +280,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str):
                       f"mesh's data axis ({mesh.shape['data']} devices).")
   trainable = bool(config.text.trainable)
   encoder = text_encoder(config, mesh if trainable else process_local_mesh(config))
-  factory = data_factory(config)
+  dataset = dataset_name(config)  # once: for shapes, a prepare round-trip between processes
+  factory = data_factory(config, dataset)
   if isinstance(encoder, CachedTextEncoder):
-    captions = dataset_captions(config)
+    captions = dataset_captions(config, dataset)
     if captions:
       # Each process fills its share; on a shared cache_dir that is all of them, and the
       # rest of a local one is filled as batches arrive.

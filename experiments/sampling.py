@@ -45,8 +45,16 @@ def sampling_text_encoder(configs, workdirs, steps=None):
   try:
     params, step = loop_lib.restore_text_ema_params(workdirs[0], encoder, step)
   except (FileNotFoundError, ValueError) as e:
-    raise UserError(str(e)) from None
+    raise _restore_error(e, step) from None
   return encoder.with_params(params, f"{encoder.encoder_id}+trained:{workdirs[0]}@{step}")
+
+
+def _restore_error(e: Exception, step: int | None) -> UserError:
+  """A checkpoint restore's error as a UserError. With a step asked for, a
+  FileNotFoundError means the workdir has no checkpoint at that step."""
+  if isinstance(e, FileNotFoundError) and step is not None:
+    return UserError(f"{str(e).removesuffix('.')} (fix --checkpoint_steps).")
+  return UserError(str(e))
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -96,31 +104,16 @@ def workdir_stage_spec(workdir: str, config: ml_collections.ConfigDict,
                           **spec_kwargs)
 
 
-def training_stage(workdir: str, text_width: int, previous_resolution: int | None = None,
-                   step: int | None = None, **spec_overrides):
-  """(cascade Stage, config, step loaded) from a training workdir: its config.json and
-  the EMA params of its latest checkpoint, or of checkpoint ``step``.
-
-  ``previous_resolution``: what the stage before samples at (None: this is the first
-  stage); see ``workdir_stage_spec``. ``spec_overrides`` (None values ignored) change
-  sampling settings: sampler, num_steps, guidance_scale, threshold, percentile, aug_level.
+def training_stage(workdir: str, config: ml_collections.ConfigDict,
+                   model_cfg: unet_lib.UNetConfig, spec, text_width: int,
+                   step: int | None = None):
+  """(cascade Stage, step loaded) of a training workdir: the EMA params of its latest
+  checkpoint, or of checkpoint ``step``, in the U-Net ``model_cfg`` sampled with ``spec``
+  (its config.json ``config`` and what ``workdir_stage_spec`` made of it).
   """
   from diffusion_jax import cascade
-  from diffusion_jax.training import checkpoint as ckpt_lib
   from diffusion_jax.training import loop as loop_lib
 
-  config = load_workdir_config(workdir)
-  model_cfg, spec = workdir_stage_spec(workdir, config, previous_resolution,
-                                       **spec_overrides)
-  if step is not None:
-    checkpointer = ckpt_lib.Checkpointer(workdir)
-    try:
-      available = sorted(checkpointer.all_steps())
-    finally:
-      checkpointer.close()
-    if step not in available:
-      raise UserError(f"{workdir} has no checkpoint at step {step}; it has steps "
-                      f"{available or 'none'} (fix --checkpoint_steps).")
   model = unet_lib.UNet(model_cfg)
   try:
     params, step = loop_lib.restore_ema_params(
@@ -128,8 +121,16 @@ def training_stage(workdir: str, text_width: int, previous_resolution: int | Non
         loop=builders.loop_settings(config), text_len=config.text.max_length, text_dim=text_width,
         step=step)
   except (FileNotFoundError, ValueError) as e:
-    raise UserError(str(e)) from None
-  return cascade.Stage(model, params, spec), config, step
+    raise _restore_error(e, step) from None
+  return cascade.Stage(model, params, spec), step
+
+
+def _stage_sources(workdirs, exported) -> list:
+  """The training workdirs or the exported stage directories, whichever was given."""
+  if bool(workdirs) == bool(exported):
+    raise UserError("Give the stages either as --workdirs (training runs) or as --stages "
+                    "(exported), base stage first.")
+  return list(workdirs or exported)
 
 
 def load_cascade(workdirs=(), exported=(), *, checkpoint_steps=None, per_stage=None,
@@ -144,26 +145,26 @@ def load_cascade(workdirs=(), exported=(), *, checkpoint_steps=None, per_stage=N
   """
   from diffusion_jax import cascade
 
-  if bool(workdirs) == bool(exported):
-    raise UserError("Give the stages either as --workdirs (training runs) or as --stages "
-                    "(exported), base stage first.")
-  sources = list(workdirs or exported)
+  sources = _stage_sources(workdirs, exported)
   per_stage = list(per_stage) if per_stage is not None else [{}] * len(sources)
   if len(per_stage) != len(sources):
     raise UserError(f"{len(per_stage)} per-stage settings for {len(sources)} stages.")
   overrides = [{**spec_overrides, **{k: v for k, v in own.items() if v is not None}}
                for own in per_stage]
-  if checkpoint_steps is not None and (exported or len(checkpoint_steps) != len(workdirs)):
+  if checkpoint_steps is not None and exported:
+    raise UserError("--checkpoint_steps picks checkpoints of --workdirs; exported --stages "
+                    "hold one set of params each.")
+  if checkpoint_steps is not None and len(checkpoint_steps) != len(workdirs):
     raise UserError("--checkpoint_steps needs one step per --workdirs entry "
-                    f"({len(workdirs)}), got {len(checkpoint_steps)}"
-                    f"{' (exported --stages hold one set of params each)' if exported else ''}.")
+                    f"({len(workdirs)}), got {len(checkpoint_steps)}.")
   steps = list(checkpoint_steps) if checkpoint_steps is not None else [None] * len(sources)
   stages, described, encoder, encoder_ids = [], [], None, set()
   if workdirs:
     configs = [load_workdir_config(w) for w in workdirs]
-    previous = None
+    specs, previous = [], None  # (UNetConfig, StageSpec) per workdir
     for workdir, config, own in zip(workdirs, configs, overrides, strict=True):
-      previous = workdir_stage_spec(workdir, config, previous, **own)[1].resolution
+      specs.append(workdir_stage_spec(workdir, config, previous, **own))
+      previous = specs[-1][1].resolution
     texts = {(c.text.encoder, c.text.max_length) for c in configs}
     if len(texts) > 1:
       raise UserError(f"The stages were trained with different text encoders {sorted(texts)};"
@@ -171,10 +172,9 @@ def load_cascade(workdirs=(), exported=(), *, checkpoint_steps=None, per_stage=N
     encoder = sampling_text_encoder(configs, workdirs, checkpoint_steps)
     text_meta = {"encoder": configs[0].text.encoder, "max_length": configs[0].text.max_length,
                  "id": encoder.encoder_id}
-    previous = None
-    for workdir, own, step in zip(workdirs, overrides, steps, strict=True):
-      stage, _, step = training_stage(workdir, encoder.width, previous, step, **own)
-      previous = stage.spec.resolution
+    for workdir, config, (model_cfg, spec), step in zip(workdirs, configs, specs, steps,
+                                                        strict=True):
+      stage, step = training_stage(workdir, config, model_cfg, spec, encoder.width, step)
       stages.append(stage)
       described.append({"source": str(workdir), "step": step, **stage.spec.to_json()})
   else:
@@ -258,10 +258,7 @@ def run_sampling(flags_values) -> pathlib.Path:
   if f.first_index < 0:
     raise UserError(f"--first_index={f.first_index}; it must be >= 0 (the index of the "
                     "first prompt's image in the run).")
-  if bool(f.workdirs) == bool(f.stages):
-    raise UserError("Give the stages either as --workdirs (training runs) or as --stages "
-                    "(exported), base stage first.")
-  num_stages = len(f.workdirs or f.stages)
+  num_stages = len(_stage_sources(f.workdirs, f.stages))  # (the per-stage flags need it)
   scales = per_stage_values("--guidance_scale", f.guidance_scale, num_stages)
   aug_levels = [None]
   if f.aug_level:
@@ -272,16 +269,12 @@ def run_sampling(flags_values) -> pathlib.Path:
                                    what="super-resolution stage")
   else:
     aug_levels *= num_stages
-  checkpoint_steps = getattr(f, "checkpoint_steps", None)  # (experiments/demo.py has none)
-  if checkpoint_steps:
-    if f.stages:
-      raise UserError("--checkpoint_steps picks checkpoints of --workdirs; exported --stages "
-                      "hold one set of params each.")
+  # (experiments/demo.py has no --checkpoint_steps; load_cascade rejects them with --stages)
+  checkpoint_steps = getattr(f, "checkpoint_steps", None) or None
+  if checkpoint_steps and f.workdirs:
     checkpoint_steps = per_stage_values(
         "--checkpoint_steps", checkpoint_steps, len(f.workdirs), what="workdir",
         parse=lambda v: None if v == "latest" else int(v))
-  else:
-    checkpoint_steps = None
   per_stage = [dict(guidance_scale=w, aug_level=a)
                for w, a in zip(scales, aug_levels, strict=True)]
   overrides = dict(sampler=f.sampler, num_steps=f.steps, threshold=f.threshold,

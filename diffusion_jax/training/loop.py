@@ -201,7 +201,7 @@ def restore_ema_params(workdir: str | epath.PathLike, *, model: nn.Module,
       nn.unbox(boxed), sharding.shardings_from_abstract(boxed, mesh, loop.rules))
   checkpointer = ckpt_lib.Checkpointer(workdir, create=False)
   try:
-    step = _checkpoint_step(checkpointer, step)
+    step = _checkpoint_step(checkpointer, step, workdir)
     params = checkpointer.restore_fields({"ema_params": target}, step)["ema_params"]
   finally:
     checkpointer.close()
@@ -214,11 +214,11 @@ def restore_text_ema_params(workdir: str | epath.PathLike, text_encoder,
   placed like ``text_encoder.params`` (built as the run's config says, e.g. t5-offline).
 
   Raises ValueError when the run's encoder was frozen (its checkpoints hold no text
-  params), FileNotFoundError when there is no checkpoint.
+  params), FileNotFoundError when there is no checkpoint (at ``step``).
   """
   checkpointer = ckpt_lib.Checkpointer(workdir, create=False)
   try:
-    step = _checkpoint_step(checkpointer, step)
+    step = _checkpoint_step(checkpointer, step, workdir)
     if checkpointer.saved_fields(step).get("text_ema_params") is None:
       raise ValueError(f"The checkpoint at step {step} in {checkpointer.directory} holds no "
                        "text-encoder params: that run's encoder was frozen "
@@ -237,8 +237,17 @@ def restore_text_ema_params(workdir: str | epath.PathLike, text_encoder,
   return params, step
 
 
-def _checkpoint_step(checkpointer: ckpt_lib.Checkpointer, step: int | None) -> int:
-  step = checkpointer.latest_step() if step is None else step
+def _checkpoint_step(checkpointer: ckpt_lib.Checkpointer, step: int | None,
+                     workdir: str | epath.PathLike) -> int:
+  """``step`` (None: the latest) if ``workdir`` has a checkpoint there, else
+  FileNotFoundError naming the steps it has."""
+  if step is not None:
+    available = sorted(checkpointer.all_steps())
+    if step not in available:
+      raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps "
+                              f"{available or 'none'}.")
+    return step
+  step = checkpointer.latest_step()
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train this stage "
                             "first (experiments/train.py --workdir=...).")
