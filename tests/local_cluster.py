@@ -1,8 +1,26 @@
 """Runs a few local processes together, e.g. as one JAX cluster over gloo, for the
 multi-process tests."""
 
+import os
+import pathlib
 import socket
 import subprocess
+
+import jax
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def env(**extra) -> dict:
+  """The environment for a test subprocess: this one's, plus ``extra``, with tests/ and the
+  repository on PYTHONPATH, JAX on the CPU, and the suite's compilation cache (conftest.py)
+  passed on unless already set."""
+  result = dict(os.environ, **extra)
+  result["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent),
+                                          result.get("PYTHONPATH", "")])
+  result.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir or "")
+  result["JAX_PLATFORMS"] = "cpu"
+  return result
 
 
 def free_port() -> int:

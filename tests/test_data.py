@@ -4,8 +4,6 @@ import collections
 import functools
 import itertools
 import json
-import os
-import pathlib
 import sys
 import textwrap
 
@@ -396,12 +394,9 @@ _PREPARE_WORKER = textwrap.dedent("""
 def test_prepare_once_with_two_jax_processes(tmp_path):
   """Two real JAX processes on a shared data_dir: process 1 finds process 0's dataset."""
   port = local_cluster.free_port()
-  root = pathlib.Path(__file__).resolve().parent.parent
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
   outputs = local_cluster.run_together(
       [[sys.executable, "-c", _PREPARE_WORKER, str(port), str(i), str(tmp_path)]
-       for i in range(2)], env, timeout=240)
+       for i in range(2)], local_cluster.env(), timeout=240)
   results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
   assert [r["name"] for r in results] == ["shapes/16px_16"] * 2
   assert [r["found_prepared"] for r in results] == [False, True]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import one_error_line
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -22,14 +23,6 @@ def _train(tmp_path, *overrides, config="configs/demo_base.py:smoke", workdir=No
          *overrides]
   return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path,
                         env=None if env is None else {**os.environ, **env})
-
-
-def _one_error_line(r):
-  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-  assert "Traceback" not in r.stderr, r.stderr[-2000:]
-  errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, r.stderr[-2000:]
-  return errors[0]
 
 
 def test_train_two_steps_end_to_end(tmp_path):
@@ -73,20 +66,20 @@ def test_train_two_steps_end_to_end(tmp_path):
 ])
 def test_bad_config_is_one_clear_line(tmp_path, override, message):
   (tmp_path / "data").mkdir()
-  error = _one_error_line(_train(tmp_path, override))
+  error = one_error_line(_train(tmp_path, override))
   assert message in error, error
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unwritable_workdir_is_one_clear_line(tmp_path):
   (tmp_path / "a_file").write_text("")  # root may write anywhere, but not under a file
-  error = _one_error_line(_train(tmp_path, workdir=tmp_path / "a_file" / "run"))
+  error = one_error_line(_train(tmp_path, workdir=tmp_path / "a_file" / "run"))
   assert "a_file/run cannot be created or written to" in error, error
   assert not (tmp_path / "data").exists()  # checked before the dataset is prepared
 
 
 def test_batch_not_divisible_by_the_devices_is_one_clear_line(tmp_path):
-  error = _one_error_line(_train(
+  error = one_error_line(_train(
       tmp_path, "--config.train.batch_size=12",
       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
   assert "config.train.batch_size=12 must divide by the mesh's data axis (8 devices)" in error
@@ -96,10 +89,10 @@ def test_misspelt_field_in_a_config_file_is_one_clear_line(tmp_path):
   config = tmp_path / "typo.py"
   config.write_text("from configs import common\n\n\ndef get_config():\n"
                     "  c = common.get_config()\n  c.train.num_stpes = 5\n  return c\n")
-  error = _one_error_line(_train(tmp_path, config=config))
+  error = one_error_line(_train(tmp_path, config=config))
   assert "sets config field 'num_stpes', which configs/common.py does not define" in error
   assert 'Did you mean "num_steps"' in error
-  error = _one_error_line(_train(tmp_path, config="configs/demo_base.py:smok"))
+  error = one_error_line(_train(tmp_path, config="configs/demo_base.py:smok"))
   assert "takes no argument or ':smoke', got 'smok'" in error
 
 

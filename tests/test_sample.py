@@ -13,6 +13,7 @@ import types
 import numpy as np
 import pytest
 import training_helpers as th
+from cli_helpers import one_error_line
 from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -23,7 +24,6 @@ import builders  # noqa: E402
 import sampling  # noqa: E402
 
 from configs import demo_base, demo_sr  # noqa: E402
-from diffusion_jax import images  # noqa: E402
 from diffusion_jax.models import unet as unet_lib  # noqa: E402
 from diffusion_jax.training import loop as loop_lib  # noqa: E402
 
@@ -70,14 +70,6 @@ def _sample(*args, cwd=ROOT):
                         timeout=900, cwd=cwd)
 
 
-def _error_line(r):
-  assert r.returncode != 0, r.stdout[-2000:]
-  assert "Traceback" not in r.stderr, r.stderr[-3000:]
-  errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, r.stderr[-3000:]
-  return errors[0]
-
-
 def _png(path):
   return np.asarray(Image.open(path))
 
@@ -110,9 +102,22 @@ def test_sample_writes_grids_images_and_record(sampled, workdirs):
     singles = np.stack([_png(sampled / "images" / f"{i:04d}_{res}px.png") for i in range(3)])
     assert singles.shape == (3, res, res, 3) and singles.dtype == np.uint8
     assert singles.std() > 0 and not np.array_equal(singles[0], singles[1])
-    # The stage's grid is exactly its single images tiled with their captions.
-    expected = images.make_grid(singles, PROMPTS, columns=3, scale=128 // res)
-    np.testing.assert_array_equal(_png(sampled / f"stage{number}_{res}px.png"), expected)
+    # The stage's grid holds exactly its single images, cut out at their offsets. Layout of
+    # images.make_grid as sampling.py calls it: up to 4 columns, tiles scaled up to 128 px,
+    # `pad` px around and between cells, and under each tile a strip of 12 px per caption
+    # line (every prompt here fits on one line).
+    grid = _png(sampled / f"stage{number}_{res}px.png")
+    scale, columns, pad, caption_h = 128 // res, min(4, len(PROMPTS)), 2, 12
+    tile = res * scale
+    cell_h, cell_w = tile + caption_h + pad, tile + pad
+    rows = -(-len(PROMPTS) // columns)
+    assert grid.shape == (rows * cell_h + pad, columns * cell_w + pad, 3), grid.shape
+    for i, single in enumerate(singles):
+      row, column = divmod(i, columns)
+      y, x = pad + row * cell_h, pad + column * cell_w
+      np.testing.assert_array_equal(grid[y:y + tile, x:x + tile],
+                                    single.repeat(scale, 0).repeat(scale, 1), err_msg=i)
+      assert grid[y + tile:y + tile + caption_h, x:x + tile].min() < 128, i  # a caption
 
 
 def test_regenerate_image_alone_from_the_record(sampled, tmp_path):
@@ -138,21 +143,26 @@ def test_regenerate_image_alone_from_the_record(sampled, tmp_path):
     assert np.abs(other - single).max() > 1
 
 
-def test_missing_prompt_file(workdirs, tmp_path):
-  r = _sample(f"--workdirs={','.join(workdirs)}", f"--prompts_file={tmp_path / 'no.txt'}",
-              f"--outdir={tmp_path / 'out'}")
-  assert f"--prompts_file {tmp_path / 'no.txt'} does not exist" in _error_line(r)
+# The prompts are checked before any workdir is read: these workdirs do not exist, and
+# would be the error if they were looked at first.
+NO_WORKDIRS = "--workdirs=a,b"
+
+
+def test_missing_prompt_file(tmp_path):
+  r = _sample(NO_WORKDIRS, f"--prompts_file={tmp_path / 'no.txt'}",
+              f"--outdir={tmp_path / 'out'}", cwd=tmp_path)
+  assert f"--prompts_file {tmp_path / 'no.txt'} does not exist" in one_error_line(r)
   assert not (tmp_path / "out").exists()
 
 
-def test_zero_prompts(workdirs, tmp_path):
+def test_zero_prompts(tmp_path):
   empty = tmp_path / "prompts.txt"
   empty.write_text("\n  \n")
-  r = _sample(f"--workdirs={','.join(workdirs)}", f"--prompts_file={empty}",
-              f"--outdir={tmp_path / 'out'}")
-  assert "holds no prompts (blank lines are skipped)" in _error_line(r)
-  r = _sample(f"--workdirs={','.join(workdirs)}", f"--outdir={tmp_path / 'out'}")
-  assert "No prompts: pass --prompts=" in _error_line(r)
+  r = _sample(NO_WORKDIRS, f"--prompts_file={empty}", f"--outdir={tmp_path / 'out'}",
+              cwd=tmp_path)
+  assert "holds no prompts (blank lines are skipped)" in one_error_line(r)
+  r = _sample(NO_WORKDIRS, f"--outdir={tmp_path / 'out'}", cwd=tmp_path)
+  assert "No prompts: pass --prompts=" in one_error_line(r)
   assert not (tmp_path / "out").exists()
 
 
@@ -162,12 +172,12 @@ def test_stage_resolution_that_does_not_chain(workdirs, tmp_path):
   base, sr = workdirs
   r = _sample(f"--workdirs={base},{sr},{sr}", "--prompts=a red circle",
               f"--outdir={tmp_path / 'out'}")
-  line = _error_line(r)
+  line = one_error_line(r)
   assert f"error: {sr} does not chain with the stage before it: it was trained to " \
          "upsample 8 -> 16 px, but the stage before it samples at 16 px" in line
   r = _sample(f"--workdirs={sr},{base}", "--prompts=a red circle",
               f"--outdir={tmp_path / 'out'}")
-  assert "the first stage of a cascade must be a base stage" in _error_line(r)
+  assert "the first stage of a cascade must be a base stage" in one_error_line(r)
   assert not (tmp_path / "out").exists()
 
 
@@ -206,3 +216,20 @@ def test_bad_sampling_flags_fail_before_loading(workdirs, tmp_path, changes, mes
     sampling.run_sampling(_flags(workdirs, tmp_path, **changes))
   assert message in str(e.value) and "\n" not in str(e.value)
   assert not (tmp_path / "out").exists()
+
+
+def test_both_restores_name_the_checkpoint_steps_a_workdir_has(workdirs):
+  # The step check restore_ema_params and restore_text_ema_params share (a trained text
+  # encoder is restored before any U-Net); sampling adds "(fix --checkpoint_steps)".
+  base, _ = workdirs
+  config = sampling.load_workdir_config(base)
+  expected = f"{base} has no checkpoint at step 7; it has steps [1, 2]."
+  with pytest.raises(FileNotFoundError) as e:
+    loop_lib.restore_ema_params(
+        base, model=unet_lib.UNet(builders.unet_config(config)),
+        loop=builders.loop_settings(config), text_len=config.text.max_length, text_dim=256,
+        step=7)
+  assert str(e.value) == expected
+  with pytest.raises(FileNotFoundError) as e:
+    loop_lib.restore_text_ema_params(base, None, step=7)  # fails before using the encoder
+  assert str(e.value) == expected

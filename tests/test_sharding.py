@@ -1,7 +1,6 @@
 """Sharding: mesh construction, logical rules, and (in subprocesses) 8 host devices and a
 two-process jax.distributed cluster, each checked against one device."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -17,15 +16,6 @@ from jax.sharding import PartitionSpec as P
 from diffusion_jax import sharding
 
 TESTS = pathlib.Path(__file__).resolve().parent
-
-
-def _subprocess_env(**extra):
-  env = dict(os.environ, **extra)
-  env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent),
-                                       env.get("PYTHONPATH", "")])
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir or "")
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
 
 
 def test_make_mesh_fills_the_wildcard_axis():
@@ -84,7 +74,7 @@ def test_eight_devices_fsdp_and_tensor_parallel_match_one_device():
   and a (data=4, model=2) mesh equal one device's within 1e-5 (checked in the worker)."""
   result = subprocess.run(
       [sys.executable, str(TESTS / "sharding_worker.py"), "data=8,model=1", "data=4,model=2"],
-      env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+      env=local_cluster.env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
       capture_output=True, text=True, timeout=600)
   print(result.stdout)
   assert result.returncode == 0, result.stdout + result.stderr[-3000:]
@@ -94,7 +84,7 @@ def test_eight_devices_fsdp_and_tensor_parallel_match_one_device():
 
 def test_two_processes_agree_on_a_sharded_forward(tmp_path):
   port = local_cluster.free_port()
-  env = _subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = local_cluster.env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
   local_cluster.run_together(
       [[sys.executable, str(TESTS / "multihost_worker.py"), str(port), str(i), str(tmp_path)]
        for i in range(2)], env, timeout=400)

@@ -167,9 +167,17 @@ def test_each_entry_is_read_from_disk_once_then_from_memory(encoder, tmp_path):
   # Beyond memory_bytes the oldest entries are dropped (and read from disk again).
   one_entry = sum(a.nbytes for a in cache._memory["one"])
   small = EmbeddingCache(tmp_path, encoder, memory_bytes=int(1.5 * one_entry))
-  small.encode_cached(["three"])
+  three, three_mask = small.encode_cached(["three"])
   small.precompute(["five"])  # New: encoded, remembered; "three" is dropped.
   assert list(small._memory) == ["five"]
+  # "three" comes back from its file (a hit, not re-encoded: it is in no memory) and is
+  # remembered again, dropping "five" in turn.
+  assert small.path("three").is_file() and (small.hits, small.misses) == (1, 1)
+  again, again_mask = small.encode_cached(["three"])
+  assert (small.hits, small.misses) == (2, 1)
+  assert list(small._memory) == ["three"]
+  np.testing.assert_array_equal(again, three)
+  np.testing.assert_array_equal(again_mask, three_mask)
 
 
 def test_cache_rejects_trainable_encoders_and_bad_captions(encoder, tmp_path):
