@@ -27,7 +27,6 @@ measured as it trains):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -43,6 +42,9 @@ import time
 from diffusion_jax.data import shapes_tfds
 from diffusion_jax.data.pipeline import InputPipeline
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
+import cli  # noqa: E402  (experiments/cli.py: one error line, exit 2)
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STAGES = ("demo_base", "demo_sr", "demo_sr@256")
 MARGIN = 10.0
@@ -56,7 +58,7 @@ def stage_config(stage: str, batch_256: int):
   config = demo_base.get_config() if stage == "demo_base" else demo_sr.get_config()
   if stage == "demo_sr@256":
     config.data.resolution, config.data.lowres_resolution = 256, 64
-    config.diffusion.schedule_kwargs.resolution = 256
+    config.diffusion.schedule_kwargs.shifted_cosine.resolution = 256
     config.train.batch_size = batch_256
     config.data.shapes_resolution, config.data.crop = None, "center"
   config.text.cache_dir = None  # the step needs only the empty prompt's embedding
@@ -124,7 +126,7 @@ def time_train_steps(configs: dict, steps: int) -> dict:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--num_train", type=int, default=2000, help="examples prepared per size")
   parser.add_argument("--examples", type=int, default=960, help="timed examples per pipeline row")
   parser.add_argument("--steps", type=int, default=3, help="timed train steps per stage")
@@ -202,4 +204,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.call_main(main)

@@ -20,7 +20,6 @@ torchvision's transforms). Nothing of the peer's code is copied here.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import pathlib
@@ -28,6 +27,9 @@ import resource
 import sys
 import time
 import types
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
+import cli  # noqa: E402  (experiments/cli.py: one error line, exit 2)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PEER_DIR = ROOT / ".cache" / "peer"
@@ -38,7 +40,7 @@ PEER_PACKAGES = ("imagen-pytorch==2.1.0", "einops==0.8.2", "einops-exts==0.0.4",
 def import_peer_unet():
   """imagen_pytorch's Unet class, without running the package's __init__."""
   if not (PEER_DIR / "imagen_pytorch").is_dir():
-    raise SystemExit(f"imagen-pytorch is not installed in {PEER_DIR}: run `make bench-peer`.")
+    raise cli.UserError(f"imagen-pytorch is not installed in {PEER_DIR}: run `make bench-peer`.")
   sys.path.insert(0, str(PEER_DIR))
   # transformers decides once whether torchvision exists; ask before the placeholder lands.
   from transformers.utils import import_utils
@@ -99,7 +101,7 @@ def run(resolution: int, batch: int, steps: int, threads: int) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--resolution", type=int, default=32)
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--steps", type=int, default=3)
@@ -109,4 +111,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.call_main(main)

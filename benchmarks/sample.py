@@ -27,8 +27,9 @@ images/s = batch / run s.
 
 from __future__ import annotations
 
-import argparse
 import math
+import pathlib
+import sys
 import time
 
 import flax.linen as nn
@@ -38,6 +39,9 @@ import numpy as np
 from diffusion_jax import cascade as cascade_lib
 from diffusion_jax.models import unet as unet_lib
 from diffusion_jax.training import loop as loop_lib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
+import cli  # noqa: E402  (experiments/cli.py: one error line, exit 2)
 
 STEPS = {"ddim": 50, "dpmpp_2m": 25, "euler": 50, "heun": 25, "ddpm": 100}
 TEXT_LEN, TEXT_DIM = 16, 384
@@ -103,14 +107,14 @@ def parse_steps(items: list[str]) -> dict[str, int]:
   for item in items:
     name, _, value = item.partition("=")
     if name not in STEPS or not value.isdigit() or int(value) < 1:
-      raise SystemExit(f"error: --steps {item!r}: use sampler=N with N >= 1 and a sampler "
+      raise cli.UserError(f"--steps {item!r}: use sampler=N with N >= 1 and a sampler "
                        f"from {', '.join(STEPS)}.")
     steps[name] = int(value)
   return steps
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--samplers", nargs="+", default=list(STEPS), choices=list(STEPS))
@@ -121,9 +125,9 @@ def main():
                       help="a text encoder id/directory, or 'random' embeddings")
   args = parser.parse_args()
   if args.batch < 1 or args.repeats < 1:
-    raise SystemExit("error: --batch and --repeats must be >= 1.")
+    raise cli.UserError("--batch and --repeats must be >= 1.")
   if args.guidance == 1.0:
-    raise SystemExit("error: --guidance 1 is the unguided row already; pass a scale != 1.")
+    raise cli.UserError("--guidance 1 is the unguided row already; pass a scale != 1.")
   steps = parse_steps(args.steps)
   jax.config.update("jax_enable_compilation_cache", False)  # measure real compiles
 
@@ -159,4 +163,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.call_main(main)

@@ -11,8 +11,9 @@ pays one dispatch per step.
 
 from __future__ import annotations
 
-import argparse
 import functools
+import pathlib
+import sys
 import time
 
 import jax
@@ -20,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import grids, samplers, schedules
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
+import cli  # noqa: E402  (experiments/cli.py: one error line, exit 2)
 
 
 def trivial_model_fn(x_t, logsnr):
@@ -62,12 +66,14 @@ def time_python_loop_ddim(x, grid, repeats):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--resolution", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--steps", type=int, nargs="+", default=[10, 50, 250])
   args = parser.parse_args()
+  if min(args.batch, args.resolution, args.repeats, *args.steps) < 1:
+    parser.error("--batch, --resolution, --repeats and --steps must be >= 1")
 
   key = jax.random.key(0)
   x = samplers.initial_noise(key, (args.batch, args.resolution, args.resolution, 3))
@@ -91,4 +97,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.call_main(main)

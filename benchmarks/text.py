@@ -16,9 +16,9 @@ size (valid token rows only).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -27,6 +27,9 @@ import numpy as np
 
 from diffusion_jax.models import t5
 from diffusion_jax.text import MINILM_ID, OFFLINE_ID, EmbeddingCache, TextEncoder
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
+import cli  # noqa: E402  (experiments/cli.py: one error line, exit 2)
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "heart"]
@@ -54,12 +57,18 @@ def rate(fn, batches: list[list[str]]) -> float:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--batches", type=int, default=4)
   parser.add_argument("--max-length", type=int, default=128)
   parser.add_argument("--encoders", nargs="+", default=[MINILM_ID, OFFLINE_ID, "t5-v1_1-base"])
   args = parser.parse_args()
+  if min(args.batch, args.batches, args.max_length) < 1:
+    parser.error("--batch, --batches and --max-length must be >= 1")
+  unknown = [n for n in args.encoders if n not in (MINILM_ID, OFFLINE_ID, *t5.PRESETS)]
+  if unknown:
+    parser.error(f"unknown encoder {unknown[0]!r} in --encoders; choose from "
+                 f"{', '.join((MINILM_ID, OFFLINE_ID, *t5.PRESETS))}")
 
   prompts = captions(args.batch * (args.batches + 1))
   warmup, timed = prompts[:args.batch], prompts[args.batch:]
@@ -89,4 +98,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.call_main(main)

@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import builders  # noqa: E402
+import cli  # noqa: E402
 import common  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -113,11 +114,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  try:
-    r = measure(config, FLAGS.steps)
-  except builders.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  if FLAGS.steps < 1:
+    raise cli.UserError(f"--steps={FLAGS.steps}; time at least 1 step.")
+  r = measure(config, FLAGS.steps)
   achieved = r["gflop"] / r["step_s"]
   header = ("config", "params", "batch", "res", "devices", "s/step", "steps/s", "img/s",
             "GFLOP/step", "GFLOP/s", "% of peak", "peak RSS GB", "compile s")
@@ -134,4 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)

@@ -40,13 +40,16 @@ import time
 
 import common
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
+import cli  # noqa: E402  (experiments/cli.py: one error line, exit 2)
+
 PEER = {32: dict(train=9.3, forward=16 / 0.53, rss_gb=2.3),
         64: dict(train=1.33, forward=16 / 3.85, rss_gb=7.5)}
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="imagen_pytorch_cpu")
   parser.add_argument("--resolutions", default="32,64")
   parser.add_argument("--batch", type=int, default=16)
@@ -183,4 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.call_main(main)

@@ -10,6 +10,15 @@ silent no-op. A new setting is added here, with its default and a comment.
 import ml_collections
 from ml_collections import config_dict
 
+from diffusion_jax.diffusion import schedules
+
+
+def schedule_kwargs() -> ml_collections.ConfigDict:
+  """{schedule name: its keyword arguments and their defaults}, from the schedules'
+  signatures (diffusion/schedules.py), so a new schedule or argument needs no line here."""
+  return ml_collections.ConfigDict({name: schedules.default_arguments(name)
+                                    for name in schedules.NAMES})
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -24,8 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   # What the network learns (diffusion_jax.diffusion).
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "shifted_cosine"
-  c.diffusion.schedule_kwargs = ml_collections.ConfigDict({"resolution": 64,
-                                                           "base_resolution": 64})
+  # Each schedule's own arguments, one sub-dict per schedule (the chosen one is used):
+  # --config.diffusion.schedule=sigmoid --config.diffusion.schedule_kwargs.sigmoid.start=-3
+  c.diffusion.schedule_kwargs = schedule_kwargs()
   c.diffusion.parameterization = "v"
   c.diffusion.weighting = "uniform"
   c.diffusion.min_snr_gamma = 5.0
@@ -34,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Super-resolution stages only: noise-conditioning augmentation of the low-res input.
   c.diffusion.lowres_schedule = config_dict.placeholder(str)   # e.g. "shifted_cosine"
   c.diffusion.lowres_aug_max_t = 1.0
+  # lowres_schedule's arguments, one sub-dict per schedule, as schedule_kwargs.
+  c.diffusion.lowres_schedule_kwargs = schedule_kwargs()
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4

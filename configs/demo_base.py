@@ -13,8 +13,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/demo_base.py takes no argument or ':smoke', got {arg!r}.")
   c = common.get_config()
   c.model.preset = "demo_base"
-  c.diffusion.schedule_kwargs.resolution = 32
-  c.diffusion.schedule_kwargs.base_resolution = 32
+  c.diffusion.schedule_kwargs.shifted_cosine.resolution = 32
+  c.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 32
   c.data.resolution = 32
   c.data.shapes_num_train = 20_000
   c.data.shapes_max_objects = 1

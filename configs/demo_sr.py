@@ -12,8 +12,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/demo_sr.py takes no argument or ':smoke', got {arg!r}.")
   c = common.get_config()
   c.model.preset = "demo_sr"
-  c.diffusion.schedule_kwargs.resolution = 64
-  c.diffusion.schedule_kwargs.base_resolution = 32
+  c.diffusion.schedule_kwargs.shifted_cosine.resolution = 64
+  c.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 32
   c.diffusion.lowres_schedule = "shifted_cosine"
   c.diffusion.lowres_aug_max_t = 0.5
   # Trained on random 32 px crops of 64 px scenes (16 px low-res inputs), as Imagen trains

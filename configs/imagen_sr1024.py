@@ -12,8 +12,8 @@ from configs import imagen_sr256
 def get_config(arg=None):
   c = imagen_sr256.get_config(arg)
   c.model.preset = "imagen_sr1024"
-  c.diffusion.schedule_kwargs.resolution = 1024
-  c.diffusion.schedule_kwargs.base_resolution = 64
+  c.diffusion.schedule_kwargs.shifted_cosine.resolution = 1024
+  c.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 64
   c.data.resolution = 256          # training crops
   c.data.lowres_resolution = 64
   c.data.crop = "random"

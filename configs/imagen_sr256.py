@@ -10,8 +10,8 @@ from configs import imagen_base64
 def get_config(arg=None):
   c = imagen_base64.get_config(arg)
   c.model.preset = "imagen_sr256"
-  c.diffusion.schedule_kwargs.resolution = 256
-  c.diffusion.schedule_kwargs.base_resolution = 64
+  c.diffusion.schedule_kwargs.shifted_cosine.resolution = 256
+  c.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 64
   c.diffusion.lowres_schedule = "shifted_cosine"
   c.diffusion.lowres_aug_max_t = 1.0
   c.data.resolution = 256

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import grids, guidance, samplers, schedules
+from diffusion_jax.diffusion import grids, guidance, guidance_schedules, samplers, schedules
 from diffusion_jax.models import unet as unet_lib
 
 
@@ -47,7 +47,8 @@ def stage_model_fn(model: nn.Module, params: Any):
 def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
                  text_mask: jnp.ndarray, null_cond: dict, key: jax.Array,
                  grid: jnp.ndarray, *, image_shape: tuple[int, int, int],
-                 parameterization: str, sampler: str = "ddim", guidance_scale: float = 1.0,
+                 parameterization: str, sampler: str = "ddim",
+                 guidance_scale: float | Callable = 1.0,
                  threshold: str = "dynamic", percentile: float = 0.995,
                  lowres: jnp.ndarray | None = None, lowres_logsnr: jnp.ndarray | None = None,
                  sampler_options: dict | None = None) -> jnp.ndarray:
@@ -55,7 +56,9 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
 
   ``null_cond``: {"text_emb": [L, D], "text_mask": [L]} (the encoded empty prompt).
   ``key``: one key for the batch (image i from fold_in(key, i)) or one per image [B].
-  ``guidance_scale`` 1 runs the conditional model alone (one network call per step).
+  ``guidance_scale``: the weight w, or a function logsnr [B] -> w [B]
+  (guidance_schedules.weight_fn); a constant 1 runs the conditional model alone (one
+  network call per step).
   """
   batch = text_emb.shape[0]
   cond = {"text_emb": text_emb, "text_mask": text_mask}
@@ -64,7 +67,7 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
     cond.update(lowres=lowres, lowres_logsnr=lowres_logsnr)
     null.update(lowres=lowres, lowres_logsnr=lowres_logsnr)
   cond_model_fn = stage_model_fn(model, params)
-  if guidance_scale == 1.0:
+  if not callable(guidance_scale) and guidance_scale == 1.0:
     def model_fn(x_t, logsnr):
       return cond_model_fn(x_t, logsnr, cond)
   else:
@@ -75,16 +78,54 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
                          parameterization=parameterization, **(sampler_options or {}))
 
 
+# StageSpec.grid_kind: uniform in t, diffusers' spacings of a discrete (DDPM) table, or
+# Karras et al.'s sigmas (with rho) over the schedule's range (diffusion/grids.py).
+GRID_KINDS = ("uniform", *grids.SPACINGS, "karras")
+
+
+def sampler_option_names(sampler: str) -> tuple[str, ...]:
+  """The options a sampler takes besides ``parameterization`` (ddim: eta, ...)."""
+  import inspect
+
+  params = inspect.signature(samplers.get(sampler)).parameters.values()
+  return tuple(p.name for p in params
+               if p.kind is p.KEYWORD_ONLY and p.name != "parameterization")
+
+
+def _check_sampler_options(sampler: str, options: dict) -> None:
+  accepted = sampler_option_names(sampler)
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    takes = f"takes {', '.join(accepted)}" if accepted else "takes no options"
+    raise ValueError(f"sampler {sampler!r} has no option {unknown[0]!r} (it {takes}).")
+  for name in ("eta", "churn", "churn_tmin", "noise_scale"):
+    if name in options and not options[name] >= 0:
+      raise ValueError(f"{name} must be >= 0, got {options[name]}.")
+  if options.get("churn_tmax", np.inf) < options.get("churn_tmin", 0.0):
+    raise ValueError(f"churn_tmax ({options['churn_tmax']}) must be >= churn_tmin "
+                     f"({options.get('churn_tmin', 0.0)}).")
+  if options.get("variance", "small") not in ("small", "large"):
+    raise ValueError(f"Unknown DDPM variance {options['variance']!r}; choose one of small, "
+                     "large.")
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
-  """How one stage samples. ``lowres_schedule`` and ``aug_level`` (a time t in [0, 1] of
-  that schedule; Imagen sweeps it, 0 is nearly clean) are for super-resolution stages.
+  """How one stage samples. ``lowres_schedule`` (with ``lowres_schedule_kwargs``) and
+  ``aug_level`` (a time t in [0, 1] of that schedule; Imagen sweeps it, 0 is nearly
+  clean) are for super-resolution stages.
 
   ``trained_on_crops``: the (super-resolution) stage was trained on random crops, like
   Imagen's 256 -> 1024 px stage trained on 64 -> 256 px crops. Such a stage is applied
   fully convolutionally, so it takes a low-res input of any size and only its scale
   factor must chain; every other stage must get exactly the low-res size it was trained
   on (``chain_error``).
+
+  ``sampler_options``: the sampler's own options (ddim: eta; ddpm: variance; euler and
+  heun: churn, churn_tmin, churn_tmax, noise_scale). ``grid_kind`` (``GRID_KINDS``) and
+  ``rho`` (karras only) choose the grid ``grid()`` builds. ``guidance_schedule``
+  (guidance_schedules.NAMES) varies the guidance weight from ``guidance_min`` at pure
+  noise to ``guidance_scale`` at clean data.
   """
 
   resolution: int
@@ -100,20 +141,53 @@ class StageSpec:
   aug_level: float = 0.0
   sampler_options: tuple[tuple[str, Any], ...] = ()
   trained_on_crops: bool = False
+  grid_kind: str = "uniform"
+  rho: float = 7.0
+  guidance_schedule: str = "constant"
+  guidance_min: float = 1.0
+  lowres_schedule_kwargs: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     samplers.get(self.sampler)
-    schedules.get(self.schedule, **dict(self.schedule_kwargs))
+    schedule = self.noise_schedule()
+    if self.lowres_schedule is not None:
+      schedules.get(self.lowres_schedule, **dict(self.lowres_schedule_kwargs))
     guidance.thresholded(lambda x, s: x, self.parameterization, self.threshold,
                          self.percentile)
     if self.num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {self.num_steps}.")
     if not 0.0 <= self.aug_level <= 1.0:
       raise ValueError(f"aug_level must lie in [0, 1], got {self.aug_level}.")
+    _check_sampler_options(self.sampler, dict(self.sampler_options))
+    if self.grid_kind not in GRID_KINDS:
+      raise ValueError(f"Unknown grid {self.grid_kind!r}; choose one of "
+                       f"{', '.join(GRID_KINDS)}.")
+    if self.grid_kind in grids.SPACINGS:
+      if not isinstance(schedule, schedules.DiscreteSchedule):
+        raise ValueError(f"grid {self.grid_kind!r} is a spacing of a discrete schedule's "
+                         "timesteps (linear, cosine), but this stage's schedule is "
+                         f"{self.schedule!r}: use grid uniform or karras.")
+      grids.discrete_timesteps(schedule.num_timesteps, self.num_steps, self.grid_kind)
+    if not self.rho > 0:
+      raise ValueError(f"rho must be positive, got {self.rho}.")
+    guidance_schedules.check(self.guidance_schedule)
+
+  def noise_schedule(self):
+    return schedules.get(self.schedule, **dict(self.schedule_kwargs))
 
   def grid(self) -> np.ndarray:
-    return grids.uniform_time(schedules.get(self.schedule, **dict(self.schedule_kwargs)),
-                              self.num_steps)
+    """The log-SNR grid [num_steps + 1] the stage samples on (``grid_kind``)."""
+    schedule = self.noise_schedule()
+    if self.grid_kind == "uniform":
+      return grids.uniform_time(schedule, self.num_steps)
+    if self.grid_kind == "karras":
+      return grids.karras_for_schedule(schedule, self.num_steps, rho=self.rho)
+    return grids.discrete(schedule, self.num_steps, self.grid_kind)
+
+  def guidance_weight(self):
+    """The guidance weight: a float, or a function logsnr [B] -> w [B]."""
+    return guidance_schedules.weight_fn(self.guidance_schedule, self.noise_schedule(),
+                                        self.guidance_scale, self.guidance_min)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -121,7 +195,7 @@ class StageSpec:
   @classmethod
   def from_json(cls, d: dict) -> StageSpec:
     d = dict(d)
-    for name in ("schedule_kwargs", "sampler_options"):
+    for name in ("schedule_kwargs", "sampler_options", "lowres_schedule_kwargs"):
       d[name] = tuple((k, v) for k, v in d.get(name, ()))
     return cls(**d)
 
@@ -194,9 +268,11 @@ class Cascade:
       stage = self.stages[index]
       spec = stage.spec
       image_shape = (spec.resolution, spec.resolution, stage.model.config.out_channels)
-      lowres_schedule = (schedules.get(spec.lowres_schedule) if spec.lowres_schedule
-                         else None)
+      lowres_schedule = (schedules.get(spec.lowres_schedule,
+                                       **dict(spec.lowres_schedule_kwargs))
+                         if spec.lowres_schedule else None)
       grid = spec.grid()  # numpy, built outside the trace
+      scale = spec.guidance_weight()
 
       def run(params, text_emb, text_mask, null_cond, keys, lowres):
         extra = {}
@@ -210,7 +286,7 @@ class Cascade:
         return sample_stage(
             stage.model, params, text_emb, text_mask, null_cond, keys, grid,
             image_shape=image_shape, parameterization=spec.parameterization,
-            sampler=spec.sampler, guidance_scale=spec.guidance_scale,
+            sampler=spec.sampler, guidance_scale=scale,
             threshold=spec.threshold, percentile=spec.percentile,
             sampler_options=dict(spec.sampler_options), **extra)
 

@@ -12,6 +12,7 @@ import dataclasses
 import pathlib
 
 import ml_collections
+from cli import UserError  # noqa: F401  (one UserError for every script; re-exported)
 
 from diffusion_jax import sharding
 from diffusion_jax import text as text_lib
@@ -20,10 +21,6 @@ from diffusion_jax.models import unet as unet_lib
 from diffusion_jax.training import loop as loop_lib
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training import step as step_lib
-
-
-class UserError(Exception):
-  """Something the user can fix (config, missing data or checkpoint); one-line message."""
 
 
 class ConfigError(UserError, ValueError):
@@ -65,14 +62,30 @@ def unet_config(config: ml_collections.ConfigDict) -> unet_lib.UNetConfig:
   return dataclasses.replace(cfg, resolution=res, lowres_resolution=low)
 
 
+def schedule_arguments(diffusion: ml_collections.ConfigDict, field: str = "schedule") -> dict:
+  """The keyword arguments of the schedule ``config.diffusion.<field>`` names, from
+  ``config.diffusion.<field>_kwargs``: one sub-dict per schedule (configs/common.py), so
+  switching schedules never carries another schedule's arguments along. A flat dict (the
+  chosen schedule's own arguments: config.json files written before) is taken as is."""
+  kwargs = diffusion.get(f"{field}_kwargs")
+  kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs or {})
+  name = diffusion.get(field)
+  if isinstance(kwargs.get(name), dict):
+    return dict(kwargs[name])
+  if any(isinstance(v, dict) for v in kwargs.values()):
+    return {}  # per-schedule, but not for this name: schedules.get names the known ones
+  return kwargs
+
+
 def diffusion_settings(config: ml_collections.ConfigDict) -> step_lib.DiffusionSettings:
   d = config.diffusion
-  schedule = checked("config.diffusion.schedule", schedules.get, d.schedule,
-                   **d.schedule_kwargs.to_dict())
+  schedule = checked(f"config.diffusion.schedule={d.schedule!r}", schedules.get, d.schedule,
+                     **schedule_arguments(d))
   lowres_schedule = None
   if d.lowres_schedule is not None:
-    lowres_schedule = checked("config.diffusion.lowres_schedule", schedules.get,
-                            d.lowres_schedule)
+    lowres_schedule = checked(f"config.diffusion.lowres_schedule={d.lowres_schedule!r}",
+                              schedules.get, d.lowres_schedule,
+                              **schedule_arguments(d, "lowres_schedule"))
   elif config.data.lowres_resolution is not None:
     raise ConfigError("A super-resolution stage needs config.diffusion.lowres_schedule "
                       "(e.g. 'shifted_cosine') for noise-conditioning augmentation.")

@@ -1,5 +1,6 @@
-"""Training workdirs or exported stages -> a cascade -> pictures: the body of
-experiments/sample.py (and the demo's sampling).
+"""Training workdirs or exported stages -> a cascade -> pictures: ``sample_cascade``, a
+plain function of keyword arguments that experiments/sample.py (a thin absl layer over
+it), the demo and the evaluation call.
 
 Every check runs before a checkpoint is read or anything compiles, and raises
 builders.UserError with one line saying what is wrong and how to fix it.
@@ -7,6 +8,7 @@ builders.UserError with one line saying what is wrong and how to fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -95,10 +97,14 @@ def workdir_stage_spec(workdir: str, config: ml_collections.ConfigDict,
   elif previous_resolution is not None:
     raise UserError(f"{workdir} is a base (text-to-image) stage; every stage after the "
                     "first must be a super-resolution stage.")
-  spec_kwargs = dict(resolution=resolution, parameterization=d.parameterization,
-                     schedule=d.schedule,
-                     schedule_kwargs=tuple(sorted(d.schedule_kwargs.to_dict().items())),
-                     lowres_schedule=d.lowres_schedule, trained_on_crops=crops)
+  # The schedules exactly as training built them (builders.diffusion_settings).
+  spec_kwargs = dict(
+      resolution=resolution, parameterization=d.parameterization, schedule=d.schedule,
+      schedule_kwargs=tuple(sorted(builders.schedule_arguments(d).items())),
+      lowres_schedule=d.lowres_schedule, trained_on_crops=crops,
+      lowres_schedule_kwargs=tuple(sorted(
+          builders.schedule_arguments(d, "lowres_schedule").items()))
+      if d.lowres_schedule is not None else ())
   spec_kwargs.update({k: v for k, v in spec_overrides.items() if v is not None})
   return model_cfg, builders.checked(f"sampling settings of {workdir}", cascade.StageSpec,
                           **spec_kwargs)
@@ -133,6 +139,31 @@ def _stage_sources(workdirs, exported) -> list:
   return list(workdirs or exported)
 
 
+def _with_options(own: dict, sampler: str | None, options) -> dict:
+  """Spec overrides with ``sampler_options`` (a dict of new options, or None) merged over
+  a stage's own ``options`` of its ``sampler``, which a new sampler drops."""
+  own = dict(own)
+  new = own.pop("sampler_options", None)
+  if new is None and own.get("sampler", sampler) == sampler:
+    return own
+  kept = dict(options) if own.get("sampler", sampler) == sampler else {}
+  own["sampler_options"] = tuple(sorted({**kept, **(new or {})}.items()))
+  return own
+
+
+def _exported_spec(directory, own: dict):
+  """An exported stage's StageSpec (its stage.json) with the overrides ``own``."""
+  from diffusion_jax import cascade
+
+  path = pathlib.Path(directory).resolve() / "stage.json"
+  if not path.exists():
+    raise UserError(f"{path} not found: {directory} is not an exported stage (export one "
+                    "with experiments/sample.py --export_dir).")
+  spec = cascade.StageSpec.from_json(json.loads(path.read_text())["spec"])
+  own = _with_options(own, spec.sampler, spec.sampler_options)
+  return dataclasses.replace(spec, **own)
+
+
 def load_cascade(workdirs=(), exported=(), *, checkpoint_steps=None, per_stage=None,
                  **spec_overrides):
   """(Cascade, description per stage, text-encoder description) from training workdirs or
@@ -151,6 +182,8 @@ def load_cascade(workdirs=(), exported=(), *, checkpoint_steps=None, per_stage=N
     raise UserError(f"{len(per_stage)} per-stage settings for {len(sources)} stages.")
   overrides = [{**spec_overrides, **{k: v for k, v in own.items() if v is not None}}
                for own in per_stage]
+  if workdirs:  # (a training workdir's spec has no sampler options of its own)
+    overrides = [_with_options(own, None, ()) for own in overrides]
   if checkpoint_steps is not None and exported:
     raise UserError("--checkpoint_steps picks checkpoints of --workdirs; exported --stages "
                     "hold one set of params each.")
@@ -178,13 +211,16 @@ def load_cascade(workdirs=(), exported=(), *, checkpoint_steps=None, per_stage=N
       stages.append(stage)
       described.append({"source": str(workdir), "step": step, **stage.spec.to_json()})
   else:
-    for directory, own in zip(exported, overrides, strict=True):
+    # Every stage.json and its settings first: a bad value stops before params are read.
+    specs = [builders.checked(f"sampling settings of {directory}", _exported_spec,
+                              directory, own)
+             for directory, own in zip(exported, overrides, strict=True)]
+    for directory, spec in zip(exported, specs, strict=True):
       try:
         stage, text_meta = cascade.load_exported_stage(directory)
       except FileNotFoundError as e:
         raise UserError(str(e)) from None
-      stage = builders.checked(f"sampling settings of {directory}", cascade.replace_spec,
-                               stage, **own)
+      stage = dataclasses.replace(stage, spec=spec)
       encoder_ids.add(json.dumps(text_meta, sort_keys=True))
       stages.append(stage)
       described.append({"source": str(directory), **stage.spec.to_json()})
@@ -225,27 +261,93 @@ def read_prompts(prompts, prompts_file) -> list[str]:
   return prompts
 
 
-def per_stage_values(flag: str, values, count: int, parse=float, what: str = "stage"):
-  """A flag's values as a list of ``count`` (one value is repeated), each parsed."""
+def per_stage_values(flag: str, values, count: int, parse=float, what: str = "stage",
+                     choices=None):
+  """A flag's values as a list of ``count`` (one value is repeated), each parsed; an
+  empty entry (``--eta=,0.5``) is None: that stage's own setting."""
   if values is None or isinstance(values, (str, int, float)):
     values = [] if values is None else [values]
-  values = [v for v in values if str(v).strip() != ""]
-  if not values:
+  values = ["" if v is None else str(v).strip() for v in values]
+  if not any(values):
     return [None] * count
   if len(values) not in (1, count):
     allowed = "1 value" if count == 1 else f"1 or {count} values"
     raise UserError(f"{flag} needs {allowed} (one per {what}), got {len(values)}: "
-                    f"{','.join(map(str, values))}.")
+                    f"{','.join(values)}.")
+  if choices is not None:
+    bad = [v for v in values if v and v not in choices]
+    if bad:
+      raise UserError(f"{flag}={','.join(values)}: unknown {bad[0]!r}; choose one of "
+                      f"{', '.join(choices)}.")
   try:
-    parsed = [parse(v) for v in values]
+    parsed = [parse(v) if v else None for v in values]
   except ValueError:
-    raise UserError(f"{flag}={','.join(map(str, values))}: not a list of numbers.") from None
+    kind = "integers" if parse is int else "numbers"
+    raise UserError(f"{flag}={','.join(values)}: not a list of {kind}.") from None
   return parsed * count if len(parsed) == 1 else parsed
 
 
-def run_sampling(flags_values) -> pathlib.Path:
-  """experiments/sample.py's work, from its absl flag values. Every flag is checked before
-  a checkpoint is read or anything compiles."""
+def _given(values) -> bool:
+  """Whether a per-stage value (None, one value or a list, '' entries unset) sets any."""
+  if values is None or isinstance(values, (str, int, float)):
+    values = [] if values is None else [values]
+  return any(v is not None and str(v).strip() for v in values)
+
+
+def _choices():
+  from diffusion_jax import cascade
+  from diffusion_jax.diffusion import guidance, guidance_schedules, samplers
+
+  return {"sampler": tuple(samplers.SAMPLERS), "grid": cascade.GRID_KINDS,
+          "threshold": guidance.THRESHOLDS, "guidance_schedule": guidance_schedules.NAMES,
+          "variance": ("small", "large")}
+
+
+# The per-stage settings of sample_cascade (and sample.py's flags of the same names): flag
+# -> (cascade.StageSpec field, parse). Each takes one value (all stages) or one per stage.
+SPEC_SETTINGS = {
+    "sampler": ("sampler", str), "steps": ("num_steps", int),
+    "guidance_scale": ("guidance_scale", float),
+    "guidance_schedule": ("guidance_schedule", str), "guidance_min": ("guidance_min", float),
+    "threshold": ("threshold", str), "percentile": ("percentile", float),
+    "grid": ("grid_kind", str), "rho": ("rho", float),
+}
+# The samplers' own options (StageSpec.sampler_options; cascade.sampler_option_names):
+# ddim eta; ddpm variance; euler / heun churn, churn_tmin, churn_tmax, noise_scale.
+SAMPLER_OPTIONS = {"eta": float, "variance": str, "churn": float, "churn_tmin": float,
+                   "churn_tmax": float, "noise_scale": float}
+
+
+@dataclasses.dataclass
+class SampleResult:
+  """What ``sample_cascade`` made: ``images`` per stage ([B, H_k, W_k, C] floats in
+  [-1, 1], base stage first), the ``record`` written as samples.json (prompts, seed, every
+  stage's resolved settings and checkpoint step, the regenerate command) and the files
+  written (none without an outdir)."""
+
+  images: list
+  record: dict
+  grids: list[pathlib.Path]
+  record_path: pathlib.Path | None
+
+
+def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, outdir=None,
+                   seed: int = 0, first_index: int = 0, checkpoint_steps=None,
+                   aug_level=None, export_dir=None, progress=None,
+                   sampler=None, steps=None, guidance_scale=None, guidance_schedule=None,
+                   guidance_min=None, threshold=None, percentile=None, grid=None, rho=None,
+                   eta=None, variance=None, churn=None, churn_tmin=None, churn_tmax=None,
+                   noise_scale=None) -> SampleResult:
+  """Samples ``prompts`` through the cascade of training ``workdirs`` (or exported
+  ``stages``), base stage first, and (with ``outdir``) writes a captioned grid per stage,
+  every image alone and samples.json.
+
+  Every per-stage setting (``SPEC_SETTINGS``, ``SAMPLER_OPTIONS``, ``aug_level`` per
+  super-resolution stage, ``checkpoint_steps`` per workdir: an int, or None / 'latest')
+  is None (the stage's own), one value for all stages, or a list of one per stage. Image
+  i of the run (``first_index`` + its position) draws its randomness from the seed and i
+  alone. Every value is checked before a checkpoint is read or anything compiles.
+  """
   import shlex
 
   import jax
@@ -253,74 +355,94 @@ def run_sampling(flags_values) -> pathlib.Path:
   from diffusion_jax import cascade as cascade_lib
   from diffusion_jax import images
 
-  f = flags_values
-  prompts = read_prompts(f.prompts, f.prompts_file)
-  if f.first_index < 0:
-    raise UserError(f"--first_index={f.first_index}; it must be >= 0 (the index of the "
+  given = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+               guidance_schedule=guidance_schedule, guidance_min=guidance_min,
+               threshold=threshold, percentile=percentile, grid=grid, rho=rho, eta=eta,
+               variance=variance, churn=churn, churn_tmin=churn_tmin, churn_tmax=churn_tmax,
+               noise_scale=noise_scale)
+  prompts = read_prompts(prompts, prompts_file)
+  if int(first_index) != first_index or first_index < 0:
+    raise UserError(f"--first_index={first_index}; it must be >= 0 (the index of the "
                     "first prompt's image in the run).")
-  num_stages = len(_stage_sources(f.workdirs, f.stages))  # (the per-stage flags need it)
-  scales = per_stage_values("--guidance_scale", f.guidance_scale, num_stages)
-  aug_levels = [None]
-  if f.aug_level:
+  workdirs, stages = list(workdirs or ()), list(stages or ())
+  num_stages = len(_stage_sources(workdirs, stages))  # (the per-stage values need it)
+  choices = _choices()
+  per_stage = [{} for _ in range(num_stages)]
+  for flag, (field, parse) in SPEC_SETTINGS.items():
+    values = per_stage_values(f"--{flag}", given[flag], num_stages, parse=parse,
+                              choices=choices.get(flag))
+    for own, value in zip(per_stage, values, strict=True):
+      own[field] = value
+  for flag, parse in SAMPLER_OPTIONS.items():
+    values = per_stage_values(f"--{flag}", given[flag], num_stages, parse=parse,
+                              choices=choices.get(flag))
+    for own, value in zip(per_stage, values, strict=True):
+      if value is not None:
+        own.setdefault("sampler_options", {})[flag] = value
+  aug_levels = [None] * num_stages
+  if _given(aug_level):
     if num_stages == 1:
       raise UserError("--aug_level is the low-res augmentation of super-resolution stages, "
                       "and this cascade has none.")
-    aug_levels += per_stage_values("--aug_level", f.aug_level, num_stages - 1,
-                                   what="super-resolution stage")
-  else:
-    aug_levels *= num_stages
-  # (experiments/demo.py has no --checkpoint_steps; load_cascade rejects them with --stages)
-  checkpoint_steps = getattr(f, "checkpoint_steps", None) or None
-  if checkpoint_steps and f.workdirs:
+    aug_levels[1:] = per_stage_values("--aug_level", aug_level, num_stages - 1,
+                                      what="super-resolution stage")
+  for own, level in zip(per_stage, aug_levels, strict=True):
+    own["aug_level"] = level
+  if not _given(checkpoint_steps):
+    checkpoint_steps = None
+  elif workdirs:
     checkpoint_steps = per_stage_values(
-        "--checkpoint_steps", checkpoint_steps, len(f.workdirs), what="workdir",
+        "--checkpoint_steps", checkpoint_steps, len(workdirs), what="workdir",
         parse=lambda v: None if v == "latest" else int(v))
-  per_stage = [dict(guidance_scale=w, aug_level=a)
-               for w, a in zip(scales, aug_levels, strict=True)]
-  overrides = dict(sampler=f.sampler, num_steps=f.steps, threshold=f.threshold,
-                   percentile=f.percentile)
   cascade, described, text_meta = load_cascade(
-      f.workdirs, f.stages, checkpoint_steps=checkpoint_steps, per_stage=per_stage,
-      **overrides)
-  outdir = pathlib.Path(f.outdir)
-  (outdir / "images").mkdir(parents=True, exist_ok=True)
-  if f.export_dir:
+      workdirs, stages, checkpoint_steps=checkpoint_steps, per_stage=per_stage)
+  if export_dir:
     for i, stage in enumerate(cascade.stages):
-      cascade_lib.export_stage(stage, pathlib.Path(f.export_dir) / f"stage_{i + 1}",
-                               text_meta)
-  outputs = cascade.sample(prompts, jax.random.key(f.seed), first_index=f.first_index,
-                           progress=lambda msg: print(msg, flush=True))
+      cascade_lib.export_stage(stage, pathlib.Path(export_dir) / f"stage_{i + 1}", text_meta)
+  outputs = cascade.sample(prompts, jax.random.key(seed), first_index=first_index,
+                           progress=progress)
+  record = {
+      "prompts": prompts, "seed": seed, "first_index": first_index, "stages": described,
+      "text_encoder": cascade.text_encoder.encoder_id,
+      "checkpoint_steps": [d.get("step") for d in described],
+      "regenerate": shlex.join(regenerate_command(workdirs, stages, seed, described)) +
+                    " --prompts=<prompt i> --first_index=<i> --outdir=<dir>",
+  }
+  if outdir is None:
+    return SampleResult(outputs, record, [], None)
+  outdir = pathlib.Path(outdir)
+  (outdir / "images").mkdir(parents=True, exist_ok=True)
   written = []
   for spec, stage_images in zip(described, outputs, strict=True):
     res = spec["resolution"]
-    grid = images.make_grid(stage_images, prompts, columns=min(4, len(prompts)),
-                            scale=max(1, 128 // res))
-    written.append(images.save_png(grid, outdir / f"stage{len(written) + 1}_{res}px.png"))
+    grid_image = images.make_grid(stage_images, prompts, columns=min(4, len(prompts)),
+                                  scale=max(1, 128 // res))
+    written.append(images.save_png(grid_image,
+                                   outdir / f"stage{len(written) + 1}_{res}px.png"))
     for b, image in enumerate(images.to_uint8(stage_images)):
-      images.save_png(image, outdir / "images" / f"{f.first_index + b:04d}_{res}px.png")
-  # The command that regenerates image i alone: the loaded checkpoints pinned by step (so
-  # it still holds after training continues) and every resolved per-stage setting.
+      images.save_png(image, outdir / "images" / f"{first_index + b:04d}_{res}px.png")
+  record_path = outdir / "samples.json"
+  record_path.write_text(json.dumps(record, indent=2))
+  return SampleResult(outputs, record, [pathlib.Path(p) for p in written], record_path)
+
+
+def regenerate_command(workdirs, stages, seed: int, described: list[dict]) -> list[str]:
+  """The sample.py command (without prompts and outdir) that samples the same images:
+  the loaded checkpoints pinned by step (so it still holds after training continues) and
+  every stage's resolved setting spelt out, so no default can change under it."""
   command = ["python", "experiments/sample.py"]
-  if f.workdirs:
-    command += [f"--workdirs={','.join(f.workdirs)}",
+  if workdirs:
+    command += [f"--workdirs={','.join(map(str, workdirs))}",
                 f"--checkpoint_steps={','.join(str(d['step']) for d in described)}"]
   else:
-    command += [f"--stages={','.join(f.stages)}"]
-  command += [f"--seed={f.seed}",
-              f"--guidance_scale={','.join(str(d['guidance_scale']) for d in described)}"]
+    command += [f"--stages={','.join(map(str, stages))}"]
+  command.append(f"--seed={seed}")
+  for flag, (field, _) in SPEC_SETTINGS.items():
+    command.append(f"--{flag}={','.join(str(d[field]) for d in described)}")
   if len(described) > 1:
-    command += [f"--aug_level={','.join(str(d['aug_level']) for d in described[1:])}"]
-  for flag, value in (("sampler", f.sampler), ("steps", f.steps), ("threshold", f.threshold),
-                      ("percentile", f.percentile)):
-    if value is not None:
-      command.append(f"--{flag}={value}")
-  record = {
-      "prompts": prompts, "seed": f.seed, "first_index": f.first_index, "stages": described,
-      "text_encoder": cascade.text_encoder.encoder_id,
-      "checkpoint_steps": [d.get("step") for d in described],
-      "regenerate": shlex.join(command) + " --prompts=<prompt i> --first_index=<i> "
-                    "--outdir=<dir>",
-  }
-  (outdir / "samples.json").write_text(json.dumps(record, indent=2))
-  print("wrote " + ", ".join(str(p) for p in written) + f" and {outdir / 'samples.json'}")
-  return written[-1]
+    command.append(f"--aug_level={','.join(str(d['aug_level']) for d in described[1:])}")
+  options = [dict(d["sampler_options"]) for d in described]
+  for name in SAMPLER_OPTIONS:
+    if any(name in own for own in options):  # '' for a stage whose sampler lacks it
+      command.append(f"--{name}={','.join(str(own.get(name, '')) for own in options)}")
+  return command

@@ -9,56 +9,19 @@ and id (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
 """
 
 import pathlib
-import re
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # for configs/
 
 import builders  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+import cli  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and previews.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def flag_error_line(error: Exception, argv: list[str]) -> str:
-  """One line for an error raised while parsing the flags (the config file included),
-  whose messages otherwise carry ml_collections' tracebacks and field dumps."""
-  text = str(error).replace("\\n", "\n")
-  suggestion = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
-  hint = f" {suggestion.group(0)}" if suggestion else ""
-  locked = re.search(r'Key "(\w+)" does not exist and cannot be added since the config is '
-                     r"locked", text)
-  config_arg = next((a for a in argv if a.startswith("--config=")), "--config")
-  if locked:  # a config file sets a field common.py does not define
-    return (f"{config_arg}: the config file sets config field {locked.group(1)!r}, which "
-            f"configs/common.py does not define.{hint or ' Is it misspelt?'}")
-  if isinstance(error, AttributeError | KeyError):  # --config.<path>=... with a bad path
-    name = re.search(r"(\w+)\\?'", text)  # the field, quoted (and maybe escaped)
-    name = name.group(1) if name else "?"
-    arg = next((a for a in argv if a.startswith("--config.") and
-                re.search(rf"\.{re.escape(name)}(=|$|\.)", a)), "--config.*")
-    return (f"{arg}: the config has no field {name!r} (fields are defined in "
-            f"configs/common.py).{hint}")
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  if isinstance(error, OSError) and lines:  # the config file could not be loaded
-    return f"{config_arg}: {lines[-1]}"
-  if len(lines) > 1:  # "flag --config=...: Error whilst parsing config file:", traceback
-    return f"{lines[0]} {lines[-1]}"
-  return lines[0] if lines else type(error).__name__
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  try:
-    remaining = FLAGS(argv)
-    FLAGS.config.get  # noqa: B018  (config_flags reports a bad file only on first use)
-    return remaining
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
-    print(f"error: {flag_error_line(e, argv)}", file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv):
@@ -74,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.run_main(main)  # bad flags and config values: one line, exit 2

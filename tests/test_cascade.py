@@ -10,8 +10,8 @@ import pytest
 import training_helpers as th
 
 from diffusion_jax import cascade as cascade_lib
+from diffusion_jax.diffusion import grids, guidance, samplers, schedules
 from diffusion_jax.diffusion import parameterization as P
-from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion.schedules import alpha_sigma
 from diffusion_jax.training import loop as loop_lib
 
@@ -168,3 +168,63 @@ def test_stage_trained_on_crops_samples_at_its_scale_factor(stages):
                                                                  jax.random.key(0))
   assert [o.shape for o in out] == [(1, 16, 16, 3), (1, 32, 32, 3)]
   assert all(np.all(np.isfinite(o)) for o in out)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(sampler_options=(("eta", -0.1),)), "eta must be >= 0, got -0.1"),
+    (dict(sampler="heun", sampler_options=(("eta", 0.5),)),
+     "sampler 'heun' has no option 'eta' (it takes churn, churn_tmin, churn_tmax, "
+     "noise_scale)"),
+    (dict(sampler="dpmpp_2m", sampler_options=(("eta", 0.5),)), "it takes no options"),
+    (dict(sampler="ddpm", sampler_options=(("variance", "huge"),)),
+     "Unknown DDPM variance 'huge'"),
+    (dict(sampler="euler", sampler_options=(("churn_tmin", 2.0), ("churn_tmax", 1.0))),
+     "churn_tmax (1.0) must be >= churn_tmin (2.0)"),
+    (dict(grid_kind="fast"), "Unknown grid 'fast'"),
+    (dict(grid_kind="leading"), "grid 'leading' is a spacing of a discrete schedule's"),
+    (dict(grid_kind="karras", rho=0.0), "rho must be positive, got 0.0"),
+    (dict(schedule="linear", schedule_kwargs=(("num_timesteps", 10),), grid_kind="trailing",
+          num_steps=20), "cannot exceed the schedule's 10 steps"),
+    (dict(guidance_schedule="step"), "Unknown guidance schedule 'step'"),
+    (dict(lowres_schedule="sigmoid", lowres_schedule_kwargs=(("tau", -1.0),)), "tau > 0"),
+])
+def test_bad_stage_specs(changes, message):
+  with pytest.raises(ValueError) as e:
+    cascade_lib.StageSpec(resolution=8, **changes)
+  assert message in str(e.value), e.value
+
+
+def test_grid_sampler_options_and_guidance_schedule_reach_the_sampler(stages, monkeypatch):
+  """What the cascade hands the sampler and the guidance wrapper, per stage (the sampler
+  is replaced by one returning x_T, so no network runs)."""
+  calls, weights = [], []
+
+  def fake_sample(name, model_fn, x_T, grid, key, **options):
+    calls.append((name, np.asarray(grid), options))
+    return x_T
+
+  original_guidance = guidance.classifier_free
+
+  def recording_guidance(cond_model_fn, cond, null_cond, scale):
+    weights.append(scale)
+    return original_guidance(cond_model_fn, cond, null_cond, scale)
+
+  monkeypatch.setattr(cascade_lib.samplers, "sample", fake_sample)
+  monkeypatch.setattr(cascade_lib.guidance, "classifier_free", recording_guidance)
+  base = _with_spec(stages[0], schedule="linear", schedule_kwargs=(("num_timesteps", 100),),
+                    grid_kind="trailing", sampler="ddim", sampler_options=(("eta", 0.5),),
+                    guidance_scale=4.0, guidance_schedule="linear", guidance_min=0.5)
+  sr = _with_spec(stages[1], grid_kind="karras", rho=3.0, sampler="heun",
+                  sampler_options=(("churn", 2.0),), guidance_scale=2.0)
+  cascade_lib.Cascade([base, sr], th.HashText()).sample(PROMPTS[:1], jax.random.key(0))
+  (base_name, base_grid, base_opts), (sr_name, sr_grid, sr_opts) = calls
+  assert (base_name, base_opts) == ("ddim", {"parameterization": "v", "eta": 0.5})
+  assert (sr_name, sr_opts) == ("heun", {"parameterization": "v", "churn": 2.0})
+  np.testing.assert_array_equal(base_grid, grids.discrete(schedules.linear(100), 4, "trailing"))
+  np.testing.assert_array_equal(sr_grid, grids.karras_for_schedule(
+      schedules.ShiftedCosineSchedule(), 4, rho=3.0))
+  # Linear in t from 0.5 at pure noise to 4 at clean data; the SR stage's constant 2.
+  linear_schedule = schedules.linear(100)
+  w = weights[0](linear_schedule.logsnr(np.array([1.0, 0.5, 0.0], np.float32)))
+  np.testing.assert_allclose(np.asarray(w), [0.5, 2.25, 4.0], atol=1e-3)
+  assert weights[1] == 2.0

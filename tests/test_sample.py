@@ -8,7 +8,6 @@ import pathlib
 import shlex
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -32,8 +31,8 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 def _tiny(config, resolution, lowres=None):
   config.data.resolution = resolution
-  config.diffusion.schedule_kwargs.resolution = resolution
-  config.diffusion.schedule_kwargs.base_resolution = lowres or resolution
+  config.diffusion.schedule_kwargs.shifted_cosine.resolution = resolution
+  config.diffusion.schedule_kwargs.shifted_cosine.base_resolution = lowres or resolution
   if lowres:  # a full-frame SR stage (demo_sr itself trains on crops), so it must chain
     config.data.lowres_resolution = lowres
     config.data.crop, config.data.shapes_resolution = "center", None
@@ -79,9 +78,13 @@ def sampled(workdirs, tmp_path_factory):
   out = tmp_path_factory.mktemp("samples")
   # ddpm draws fresh noise every step, so regenerating an image alone checks that every
   # draw is per image; checkpoint 1 of the SR stage checks --checkpoint_steps.
+  # Non-default grids, sampler options and guidance schedules: the regenerate command
+  # must carry them too.
   r = _sample(f"--workdirs={','.join(workdirs)}", *[f"--prompts={p}" for p in PROMPTS],
               f"--outdir={out}", "--sampler=ddpm", "--steps=3", "--guidance_scale=2,1.5",
               "--aug_level=0.2", "--checkpoint_steps=latest,1", "--seed=5",
+              "--variance=large,", "--grid=karras,uniform", "--rho=3",
+              "--guidance_schedule=cosine,constant", "--guidance_min=0.5",
               f"--export_dir={out / 'export'}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "stage 1/2: 8 px" in r.stdout and "stage 2/2: 16 px" in r.stdout
@@ -97,6 +100,10 @@ def test_sample_writes_grids_images_and_record(sampled, workdirs):
   assert (sr["source"], sr["step"], sr["resolution"]) == (workdirs[1], 1, 16)
   assert [s["guidance_scale"] for s in record["stages"]] == [2.0, 1.5]
   assert sr["aug_level"] == 0.2 and sr["sampler"] == "ddpm" and sr["num_steps"] == 3
+  assert (base["grid_kind"], base["rho"], sr["grid_kind"]) == ("karras", 3.0, "uniform")
+  assert base["sampler_options"] == [["variance", "large"]] and sr["sampler_options"] == []
+  assert (base["guidance_schedule"], base["guidance_min"]) == ("cosine", 0.5)
+  assert sr["guidance_schedule"] == "constant"
   assert "--checkpoint_steps=2,1" in record["regenerate"]
   for number, res in ((1, 8), (2, 16)):
     singles = np.stack([_png(sampled / "images" / f"{i:04d}_{res}px.png") for i in range(3)])
@@ -123,7 +130,7 @@ def test_sample_writes_grids_images_and_record(sampled, workdirs):
 def test_regenerate_image_alone_from_the_record(sampled, tmp_path):
   record = json.loads((sampled / "samples.json").read_text())
   i = 2
-  command = record["regenerate"].replace("<prompt i>", PROMPTS[i]).replace(
+  command = record["regenerate"].replace("<prompt i>", shlex.quote(PROMPTS[i])).replace(
       "<i>", str(i)).replace("<dir>", str(tmp_path))
   args = shlex.split(command)
   assert args[:2] == ["python", "experiments/sample.py"]
@@ -131,6 +138,8 @@ def test_regenerate_image_alone_from_the_record(sampled, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   alone = json.loads((tmp_path / "samples.json").read_text())
   assert alone["checkpoint_steps"] == [2, 1] and alone["first_index"] == i
+  assert alone["prompts"] == [PROMPTS[i]]
+  assert alone["stages"] == record["stages"] and alone["regenerate"] == record["regenerate"]
   assert {p.name for p in (tmp_path / "images").iterdir()} == {f"{i:04d}_8px.png",
                                                                f"{i:04d}_16px.png"}
   for res in (8, 16):
@@ -141,6 +150,50 @@ def test_regenerate_image_alone_from_the_record(sampled, tmp_path):
     assert np.abs(batch - single).max() <= 1, res
     other = _png(sampled / "images" / f"{i - 1:04d}_{res}px.png").astype(int)
     assert np.abs(other - single).max() > 1
+
+
+def test_regenerate_the_whole_run_exactly(sampled, tmp_path):
+  # The same batch as the recorded run: identical pixels, every setting carried by the
+  # command (a grid, sampler option or guidance schedule it dropped would change them).
+  record = json.loads((sampled / "samples.json").read_text())
+  args = shlex.split(record["regenerate"].replace(" --prompts=<prompt i>", "").replace(
+      "<i>", "0").replace("<dir>", str(tmp_path)))
+  r = _sample(*args[2:], *[f"--prompts={p}" for p in PROMPTS])
+  assert r.returncode == 0, r.stderr[-3000:]
+  for i in range(len(PROMPTS)):
+    for res in (8, 16):
+      name = f"{i:04d}_{res}px.png"
+      np.testing.assert_array_equal(_png(tmp_path / "images" / name),
+                                    _png(sampled / "images" / name), err_msg=name)
+
+
+# One non-default argument per schedule, for the two-step runs below.
+CHANGED = {"linear": ("beta_end", 0.03), "cosine": ("s", 0.02), "sigmoid": ("start", -2.0),
+           "shifted_cosine": ("logsnr_max", 10.0)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CHANGED))
+def test_every_schedule_trains_two_steps_and_samples(workdirs, tmp_path, name):
+  """A super-resolution stage trained with schedule and lowres_schedule ``name`` (each
+  with a changed argument), sampled after the base stage; a discrete schedule on a
+  diffusers spacing, the others on a Karras grid. (test_cli.py checks every schedule's
+  config path cheaply.)"""
+  arg, value = CHANGED[name]
+  config = _tiny(demo_sr.get_config("smoke"), 16, lowres=8)
+  config.diffusion.schedule = config.diffusion.lowres_schedule = name
+  config.diffusion.schedule_kwargs[name][arg] = value
+  config.diffusion.lowres_schedule_kwargs[name][arg] = value
+  sr = _train(tmp_path / "sr", config)
+  grid = "trailing" if name in ("linear", "cosine") else "karras"
+  result = sampling.sample_cascade(workdirs=[workdirs[0], sr], prompts=PROMPTS[:2],
+                                   steps=3, grid=["uniform", grid], aug_level=0.3)
+  assert [x.shape for x in result.images] == [(2, 8, 8, 3), (2, 16, 16, 3)]
+  assert all(np.all(np.isfinite(x)) for x in result.images)
+  spec = result.record["stages"][1]
+  assert (spec["schedule"], spec["lowres_schedule"], spec["grid_kind"]) == (name, name, grid)
+  assert dict(spec["schedule_kwargs"])[arg] == value
+  assert dict(spec["lowres_schedule_kwargs"])[arg] == value
 
 
 # The prompts are checked before any workdir is read: these workdirs do not exist, and
@@ -191,15 +244,6 @@ def test_exported_stages_are_checked_to_chain(sampled):
                                     export / "stage_2"])
 
 
-def _flags(workdirs, tmp_path, **changes):
-  values = dict(workdirs=list(workdirs), stages=[], prompts=["a red circle"],
-                prompts_file=None, outdir=str(tmp_path / "out"), seed=0, first_index=0,
-                sampler=None, steps=None, guidance_scale=None, threshold=None,
-                percentile=None, aug_level=None, checkpoint_steps=None, export_dir=None)
-  values.update(changes)
-  return types.SimpleNamespace(**values)
-
-
 @pytest.mark.parametrize("changes,message", [
     (dict(checkpoint_steps=["2", "7"]), "has no checkpoint at step 7; it has steps [1, 2]"),
     (dict(checkpoint_steps=["2", "1", "1"]), "--checkpoint_steps needs 1 or 2 values"),
@@ -209,11 +253,16 @@ def _flags(workdirs, tmp_path, **changes):
     (dict(guidance_scale=["1", "2", "3"]), "--guidance_scale needs 1 or 2 values"),
     (dict(guidance_scale=["strong"]), "--guidance_scale=strong: not a list of numbers"),
     (dict(first_index=-1), "--first_index=-1; it must be >= 0"),
+    (dict(eta=-0.5), "eta must be >= 0, got -0.5"),
+    (dict(sampler="heun", eta="0.5"), "sampler 'heun' has no option 'eta' (it takes churn"),
+    (dict(grid="trailing"), "grid 'trailing' is a spacing of a discrete schedule's"),
+    (dict(grid="karras", rho="0"), "rho must be positive, got 0.0"),
     (dict(stages=["x"]), "either as --workdirs (training runs) or as --stages"),
 ])
 def test_bad_sampling_flags_fail_before_loading(workdirs, tmp_path, changes, message):
+  kwargs = dict(workdirs=workdirs, prompts=["a red circle"], outdir=tmp_path / "out")
   with pytest.raises(builders.UserError) as e:
-    sampling.run_sampling(_flags(workdirs, tmp_path, **changes))
+    sampling.sample_cascade(**{**kwargs, **changes})
   assert message in str(e.value) and "\n" not in str(e.value)
   assert not (tmp_path / "out").exists()
 

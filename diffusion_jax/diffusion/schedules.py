@@ -249,3 +249,13 @@ def get(name: str, **kwargs) -> Schedule:
     return _REGISTRY[name](**kwargs)
   except TypeError as e:
     raise ValueError(f"Bad arguments for schedule {name!r}: {e}") from None
+
+
+def default_arguments(name: str) -> dict:
+  """The keyword arguments schedule ``name`` takes, with their defaults (configs derive
+  their per-schedule sections from this), e.g. ``{"start": -3.0, "end": 3.0, ...}``."""
+  import inspect
+
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown schedule {name!r}; choose one of {', '.join(NAMES)}.")
+  return {p.name: p.default for p in inspect.signature(_REGISTRY[name]).parameters.values()}

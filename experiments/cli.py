@@ -1,0 +1,120 @@
+"""How every script (experiments/*.py, benchmarks/*.py) reports what the user can fix: one
+line ``error: ...`` on stderr and exit code 2, never a traceback.
+
+* absl scripts: ``cli.run_main(main)`` instead of ``app.run(main)``: a bad flag (unknown,
+  unparsable, missing, a config override naming no field) and a ``UserError`` raised by
+  ``main`` both end as that line.
+* argparse scripts: ``cli.ArgumentParser`` (its ``error`` prints that line, without the
+  usage block) and ``cli.call_main(main)`` (a ``UserError`` from ``main`` likewise).
+
+This module imports nothing heavy, so a bad flag fails before jax is even imported by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+# tests/cli_helpers.py: one_error_line checks for it.
+USER_ERROR_EXIT_CODE = 2
+
+
+class UserError(Exception):
+  """Something the user can fix (flag, config, missing data or checkpoint); one-line
+  message saying what is wrong and how to fix it."""
+
+
+def exit_with_error(message) -> None:
+  """Prints ``error: <message>`` (one line) on stderr and exits with code 2."""
+  text = " ".join(str(message).split())  # a message never spans lines
+  print(f"error: {text}", file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def _schedule_hint(arg: str) -> str:
+  """For a misspelt argument of a schedule (--config.diffusion.schedule_kwargs.<name>.x),
+  the arguments that schedule takes."""
+  found = re.search(r"schedule_kwargs\.(\w+)\.", arg)
+  if not found:
+    return ""
+  from diffusion_jax.diffusion import schedules
+
+  if found.group(1) not in schedules.NAMES:
+    return ""
+  accepted = ", ".join(schedules.default_arguments(found.group(1)))
+  return f" Schedule {found.group(1)!r} takes {accepted}."
+
+
+def flag_error_line(error: Exception, argv: list[str]) -> str:
+  """One line for an error raised while parsing the flags (a config file included),
+  whose messages otherwise carry ml_collections' tracebacks and field dumps."""
+  text = str(error).replace("\\n", "\n")
+  suggestion = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
+  hint = f" {suggestion.group(0)}" if suggestion else ""
+  locked = re.search(r'Key "(\w+)" does not exist and cannot be added since the config is '
+                     r"locked", text)
+  config_arg = next((a for a in argv if a.startswith("--config=")), "--config")
+  if locked:  # a config file sets a field common.py does not define
+    return (f"{config_arg}: the config file sets config field {locked.group(1)!r}, which "
+            f"configs/common.py does not define.{hint or ' Is it misspelt?'}")
+  if isinstance(error, AttributeError | KeyError):  # --config.<path>=... with a bad path
+    name = re.search(r"(\w+)\\?'", text)  # the field, quoted (and maybe escaped)
+    name = name.group(1) if name else "?"
+    arg = next((a for a in argv if a.startswith("--config.") and
+                re.search(rf"\.{re.escape(name)}(=|$|\.)", a)), "--config.*")
+    return (f"{arg}: the config has no field {name!r} (fields are defined in "
+            f"configs/common.py).{hint}{_schedule_hint(arg)}")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if isinstance(error, OSError) and lines:  # the config file could not be loaded
+    return f"{config_arg}: {lines[-1]}"
+  if len(lines) > 1:  # "flag --config=...: Error whilst parsing config file:", traceback
+    return f"{lines[0]} {lines[-1]}"
+  return lines[0] if lines else type(error).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parser for ``app.run(..., flags_parser=parse_flags)``: a bad flag is one
+  line and exit 2 instead of absl's usage dump (or a config file's traceback)."""
+  from absl import flags
+
+  values = flags.FLAGS
+  try:
+    remaining = values(argv)
+    for name in ("config",):  # config_flags reports a bad config file only on first use
+      if name in values:
+        getattr(values, name).get  # noqa: B018
+    return remaining
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    exit_with_error(flag_error_line(e, argv))
+
+
+def run_main(main) -> None:
+  """``app.run(main)`` with bad flags (``parse_flags``) and a ``UserError`` from ``main``
+  reported as one line, exit 2."""
+  from absl import app
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except UserError as e:
+      exit_with_error(e)
+
+  app.run(guarded, flags_parser=parse_flags)
+
+
+def call_main(main, *args, **kwargs):
+  """``main(*args, **kwargs)`` with a ``UserError`` reported as one line, exit 2 (for
+  scripts whose flags ``ArgumentParser`` parses)."""
+  try:
+    return main(*args, **kwargs)
+  except UserError as e:
+    exit_with_error(e)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with a bad argument reported as ``error: <prog>: <message>`` (one line,
+  exit 2) instead of the usage block and a second line."""
+
+  def error(self, message):
+    exit_with_error(f"{self.prog}: {message} (see --help).")
