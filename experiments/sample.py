@@ -9,6 +9,11 @@ checkpoint step each stage was loaded from, every stage's settings, and the comm
 brings image i back alone (--prompts=<its prompt> --first_index=i, the same seed and
 --checkpoint_steps, so it still holds after training continues).
 
+Sampler settings (--sampler, --steps, --grid, --rho, --eta, --variance, --churn...,
+--guidance_scale, --guidance_schedule, --guidance_min, --threshold, --percentile) take one
+value or one per stage (README.md, "Sampler options"); experiments/sampling.py:
+sample_cascade is the same with keyword arguments.
+
 A super-resolution stage must follow a stage sampling at the low-res size it was trained
 on (unless it was trained on random crops, config.data.crop='random': then only its
 scale factor has to chain). Bad input stops with one line saying what to fix.

@@ -59,8 +59,9 @@ def weight(name: str, t: jnp.ndarray, scale: float, scale_min: float = 1.0) -> j
 
 def weight_fn(name: str, schedule: Schedule, scale: float, scale_min: float = 1.0
               ) -> float | Callable[[jnp.ndarray], jnp.ndarray]:
-  """``scale`` itself for ``constant``, else logsnr [B] -> w [B] (for classifier_free)."""
-  if check(name) == "constant":
+  """``scale`` itself for ``constant`` (or when ``scale_min`` equals it: a constant 1 then
+  skips guidance's second network call), else logsnr [B] -> w [B] (for classifier_free)."""
+  if check(name) == "constant" or scale == scale_min:
     return scale
   t_of = time_of_logsnr(schedule)
   return lambda logsnr: weight(name, t_of(logsnr), scale, scale_min)
