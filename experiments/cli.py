@@ -33,17 +33,22 @@ def exit_with_error(message) -> None:
 
 
 def _schedule_hint(arg: str) -> str:
-  """For a misspelt argument of a schedule (--config.diffusion.schedule_kwargs.<name>.x),
-  the arguments that schedule takes."""
-  found = re.search(r"schedule_kwargs\.(\w+)\.", arg)
+  """For a bad schedule argument: the arguments the schedule takes
+  (--config.diffusion.schedule_kwargs.<name>.<misspelt>), or where they go (an argument
+  given without its schedule: --config.diffusion.schedule_kwargs.start)."""
+  found = re.search(r"((?:lowres_)?schedule_kwargs)\.(\w+)(\.|=|$)", arg)
   if not found:
     return ""
   from diffusion_jax.diffusion import schedules
 
-  if found.group(1) not in schedules.NAMES:
-    return ""
-  accepted = ", ".join(schedules.default_arguments(found.group(1)))
-  return f" Schedule {found.group(1)!r} takes {accepted}."
+  field, name = found.group(1), found.group(2)
+  if name in schedules.NAMES:
+    accepted = ", ".join(schedules.default_arguments(name))
+    return f" Schedule {name!r} takes {accepted}."
+  if found.group(3) == ".":
+    return f" Schedules: {', '.join(schedules.NAMES)}."
+  return (f" Each schedule's arguments have their own sub-dict: --config.diffusion.{field}."
+          f"<schedule>.{name}=... (schedules: {', '.join(schedules.NAMES)}).")
 
 
 def flag_error_line(error: Exception, argv: list[str]) -> str:

@@ -107,6 +107,21 @@ def test_a_misspelt_schedule_argument_names_the_schedules_arguments():
   assert "Schedule 'sigmoid' takes start, end, tau, logsnr_min, logsnr_max." in line
 
 
+@pytest.mark.parametrize("override,hint", [
+    ("--config.diffusion.schedule_kwargs.start=-3", "Each schedule's arguments have their "
+     "own sub-dict: --config.diffusion.schedule_kwargs.<schedule>.start=... (schedules: "
+     "linear, cosine, sigmoid, shifted_cosine)."),
+    ("--config.diffusion.lowres_schedule_kwargs.cosine.tau=2", "Schedule 'cosine' takes "
+     "num_timesteps, s, max_beta."),
+])
+def test_a_schedule_argument_in_the_wrong_place_says_where_it_goes(override, hint):
+  argv = ["train.py", "--config=configs/demo_sr.py", override]
+  with pytest.raises(AttributeError) as e:
+    _parse("configs/demo_sr.py", override)
+  line = cli.flag_error_line(e.value, argv)
+  assert line.startswith(f"{override}: the config has no field") and line.endswith(hint), line
+
+
 # absl scripts: each bad flag fails while flags are parsed or checked, before any
 # workdir, dataset or checkpoint is looked at (none of these exist).
 @pytest.mark.parametrize("script,args,message", [
