@@ -244,6 +244,23 @@ def test_exported_stages_are_checked_to_chain(sampled):
                                     export / "stage_2"])
 
 
+def test_exported_stages_keep_their_settings_and_options_follow_the_sampler(sampled):
+  export = sampled / "export"
+  spec = sampling._exported_spec(export / "stage_1", {})
+  assert (spec.grid_kind, spec.rho, spec.guidance_schedule) == ("karras", 3.0, "cosine")
+  assert spec.sampler_options == (("variance", "large"),)
+  # A new option merges into the stage's own; a new sampler drops the old sampler's.
+  assert sampling._exported_spec(export / "stage_1", {"sampler_options": {
+      "variance": "small"}}).sampler_options == (("variance", "small"),)
+  spec = sampling._exported_spec(export / "stage_1", {"sampler": "ddim",
+                                                      "sampler_options": {"eta": 1.0}})
+  assert (spec.sampler, spec.sampler_options) == ("ddim", (("eta", 1.0),))
+  # Checked before any params are read.
+  with pytest.raises(builders.UserError, match="grid 'leading' is a spacing of a discrete"):
+    sampling.sample_cascade(stages=[export / "stage_1", export / "stage_2"],
+                            prompts=["a red circle"], grid="leading")
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(checkpoint_steps=["2", "7"]), "has no checkpoint at step 7; it has steps [1, 2]"),
     (dict(checkpoint_steps=["2", "1", "1"]), "--checkpoint_steps needs 1 or 2 values"),
