@@ -166,3 +166,42 @@ def test_dual_guidance_is_eq3_in_one_call_and_cfg_at_image_scale_one():
   cfg = guidance.classifier_free(net, cond, image_only, 4.0)(x, logsnr)
   dual = dual_guidance.dual_classifier_free(net, cond, image_only, null, 4.0, 1.0)(x, logsnr)
   np.testing.assert_allclose(dual, cfg, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # a real (tiny) U-Net: ~45 s of compiles on a busy machine
+def test_image_conditioned_unet_under_dual_guidance():
+  import flax.linen as nn
+
+  from diffusion_jax import cascade
+  from diffusion_jax.models import unet as unet_lib
+
+  config = unet_lib.UNetConfig(levels=(unet_lib.Level(1, 1), unet_lib.Level(2, 1)),
+                               base_channels=8, num_heads=2, in_channels=6, out_channels=3,
+                               resolution=8, text_width=8, text_length=4)
+  model = unet_lib.UNet(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             **unet_lib.example_inputs(config, 1)))
+  leaves, tree = jax.tree.flatten(nn.unbox(shapes["params"]))
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape)
+                                     for k, x in zip(keys, leaves, strict=True)])
+  net = dual_guidance.image_conditioned(cascade.stage_model_fn(model, params))
+  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+  image = jax.random.uniform(jax.random.key(3), (2, 8, 8, 3))
+  text = {"text_emb": jax.random.normal(jax.random.key(4), (2, 4, 8)),
+          "text_mask": jnp.ones((2, 4), bool)}
+  cond = dict(text, input_image=image)
+  image_only = {"input_image": image, "text_emb": jnp.zeros((4, 8)),
+                "text_mask": jnp.zeros((4,), bool)}
+  null = dict(image_only, input_image=jnp.zeros(()))
+  logsnr = jnp.array([0.0, 1.0])
+  guided = jax.jit(lambda x, lam: dual_guidance.dual_classifier_free(
+      net, cond, image_only, null, 5.0, 1.5)(x, lam))(x, logsnr)
+  direct = jax.jit(lambda x, lam, c: model.apply(
+      {"params": params}, jnp.concatenate([x, c["input_image"]], -1), lam, c["text_emb"],
+      c["text_mask"]))
+  full, img, none = (direct(x, logsnr, jax.tree.map(
+      lambda a, b: jnp.broadcast_to(b, a.shape), cond, c)) for c in (cond, image_only, null))
+  np.testing.assert_allclose(guided, none + 1.5 * (img - none) + 5.0 * (full - img),
+                             rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(img - none).max()) > 1e-3  # the input image matters

@@ -48,3 +48,24 @@ def dual_classifier_free(cond_model_fn, cond, image_only_cond, null_cond,
     return null + s_i * (image_only - null) + s_t * (full - image_only)
 
   return model_fn
+
+
+IMAGE_KEY = "input_image"
+
+
+def image_conditioned(cond_model_fn):
+  """An image-conditioned network from a U-Net built with ``in_channels`` = image + input
+  channels: ``(x_t [B, H, W, C], logsnr, cond)`` -> ``cond_model_fn(concat([x_t,
+  cond["input_image"] [B, H, W, C']], -1), logsnr, rest of cond)`` (InstructPix2Pix's and
+  SD inpainting's extra input channels; the null image is zeros, as in Brooks et al.).
+  The U-Net's stem convolution takes whatever channel count it was initialised with, so
+  the U-Net itself is unchanged."""
+  def wrapped(x_t, logsnr, cond):
+    rest = {k: v for k, v in cond.items() if k != IMAGE_KEY}
+    image = cond[IMAGE_KEY].astype(x_t.dtype)
+    if image.shape[:3] != x_t.shape[:3]:
+      raise ValueError(f"input_image {image.shape} must match x_t {x_t.shape} in batch, "
+                       "height and width.")
+    return cond_model_fn(jnp.concatenate([x_t, image], axis=-1), logsnr, rest)
+
+  return wrapped
