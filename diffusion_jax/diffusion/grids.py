@@ -124,3 +124,30 @@ def karras_for_schedule(schedule: Schedule, num_steps: int, *, rho: float = 7.0,
   return karras(num_steps, sigma_min=float(np.exp(-0.5 * logsnr_max)),
                 sigma_max=float(np.exp(-0.5 * logsnr_min)), rho=rho,
                 denoise_to_clean=denoise_to_clean)
+
+
+def check_strength(strength: float) -> float:
+  """An SDEdit strength must lie in (0, 1]."""
+  strength = float(strength)
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength must lie in (0, 1] (1 = start from pure noise, small = "
+                     f"stay close to the input), got {strength}.")
+  return strength
+
+
+def truncate(grid, strength: float) -> np.ndarray:
+  """The last ``round(strength * N)`` steps of an N-step grid (SDEdit, Meng et al. 2022).
+
+  Strength 1 keeps the whole grid; smaller strengths start the run at a less noisy level
+  ``grid[N - kept]`` (where an input image is forward-noised to). A strength below
+  1 / (2N) keeps no step: the result is the single point ``grid[-1]`` (the input is
+  returned as it is). Rounding to whole steps is the grid's own resolution; diffusers'
+  img2img floors instead (``int(N * strength)``).
+  """
+  strength = check_strength(strength)
+  grid = np.asarray(grid, np.float32)
+  if grid.ndim != 1 or grid.shape[0] < 2:
+    raise ValueError(f"grid must be 1-D with at least 2 levels, got shape {grid.shape}.")
+  num_steps = grid.shape[0] - 1
+  kept = min(num_steps, int(np.floor(strength * num_steps + 0.5)))
+  return grid[num_steps - kept:]

@@ -265,6 +265,12 @@ class CrossAttention(nn.Module):
   A learned "null" key/value is always attendable (as in imagen-pytorch), so a caption
   whose tokens are all masked (classifier-free guidance's dropped condition) is well
   defined; padded tokens (mask False) get weight exactly 0 and cannot change the output.
+
+  ``attention_edit`` (attention control, e.g. Prompt-to-Prompt, Hertz et al. 2022): a
+  jit-able function of the attention probabilities [B, N, H*W, 1 + L] (key 0 is the null
+  token, keys 1.. the text tokens) returning probabilities of that shape, applied before
+  the value matmul. None (the default) runs the unchanged path. The U-Net does not pass
+  it: an editor sets it with ``flax.linen.intercept_methods`` (``editing/prompt_to_prompt``).
   """
 
   num_heads: int
@@ -273,7 +279,7 @@ class CrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, context: jnp.ndarray,
-               context_mask: jnp.ndarray) -> jnp.ndarray:
+               context_mask: jnp.ndarray, attention_edit=None) -> jnp.ndarray:
     batch, height, width, channels = x.shape
     h = layer_norm(self.dtype, name="norm")(x).reshape(batch, height * width, channels)
     heads = (self.num_heads, self.head_dim)
@@ -286,9 +292,24 @@ class CrossAttention(nn.Module):
     k = jnp.concatenate([jnp.broadcast_to(null_k[None, :, None], null_shape), k], axis=2)
     v = jnp.concatenate([jnp.broadcast_to(null_v[None, :, None], null_shape), v], axis=2)
     mask = jnp.concatenate([jnp.ones((batch, 1), bool), context_mask.astype(bool)], axis=1)
-    out = attention(q, k, v, mask)
+    if attention_edit is None:
+      out = attention(q, k, v, mask)
+    else:
+      out = _edited_attention(q, k, v, mask, attention_edit)
     out = HeadsProjection(*heads, channels, self.dtype, name="out")(out)
     return image_constraint(x + out.reshape(x.shape))
+
+
+def _edited_attention(q, k, v, key_mask, edit):
+  """``dense_attention`` with explicit probabilities [B, N, Lq, Lk] passed through ``edit``
+  (text keys are few, so the probabilities are small even at high resolution)."""
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  logits = jnp.einsum("bnqd,bnkd->bnqk", q * scale, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
+  probs = edit(jax.nn.softmax(logits, axis=-1))
+  out = jnp.einsum("bnqk,bnkd->bnqd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.astype(v.dtype)
 
 
 class TextPooling(nn.Module):
