@@ -28,9 +28,10 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import builders  # noqa: E402
+import cli  # noqa: E402
 import sampling  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from builders import UserError  # noqa: E402
+from absl import flags, logging  # noqa: E402
+from cli import UserError  # noqa: E402
 
 COMMANDS = ("sdedit", "inpaint", "p2p", "textual-inversion")
 
@@ -314,16 +315,12 @@ def run(command: str, f) -> pathlib.Path:
 def main(argv):
   if FLAGS.verbosity == 0:
     logging.set_verbosity(logging.WARNING)
-  try:
-    if len(argv) != 2:
-      raise UserError(f"give one sub-command first: python experiments/edit.py "
-                      f"{{{','.join(COMMANDS)}}} --workdir=... (got {argv[1:]}).")
-    builders.setup_compilation_cache()
-    run(argv[1], FLAGS)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  if len(argv) != 2:
+    raise UserError(f"give one sub-command first: python experiments/edit.py "
+                    f"{{{','.join(COMMANDS)}}} --workdir=... (got {argv[1:]}).")
+  builders.setup_compilation_cache()
+  run(argv[1], FLAGS)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)
