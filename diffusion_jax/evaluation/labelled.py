@@ -5,7 +5,7 @@ each class prompt, and its penultimate layer gives features for a Frechet distan
 the real test split.
 
     judge = load_or_train("fashion_mnist_offline/32px", data_dir="data",
-                          cache_dir=".cache/judges")             # trains once (~a minute)
+                          cache_dir=".cache/judges")             # trains once, then cached
     labels = judge.predict(images)                                # [N] int, images [N, R, R, C]
     accuracy_by_prompt(labels, prompts, judge.captions)           # {prompt: fraction right}
     judge.features(images)                                        # [N, 128] float32
@@ -27,8 +27,8 @@ it is feasible (an 18 MB state dict of 4.69M parameters in EfficientNet-PyTorch'
 loadable with `torch.load(weights_only=True)`), but its ImageNet features at 224 px see a
 28 px grayscale garment upsampled eightfold, and a Flax port needs a forward-pass parity
 test against a reference implementation that is not installed here. A judge trained on the
-data itself measures what matters for these sets (is it recognisably a sneaker?) and trains
-in about a minute on CPU; the port stays a follow-up.
+data itself measures what matters for these sets (is it recognisably a sneaker?) and is
+cheap to train on CPU; the port stays a follow-up.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Classifier(nn.Module):
   """Three 3x3 conv stages (16, 32, 64 channels), each followed by 2x max pooling, then a
   128-wide ReLU layer on the flattened maps (the features; flattened rather than pooled, so
   where a stroke is counts) and the class logits. Small on purpose: ~2.5M multiply-adds per
-  32 px image, so it trains on CPU in about a minute.
+  32 px image, so it trains on a CPU.
 
   Input: float32 [B, H, W, 1] in [-1, 1]. Returns (logits [B, K], features [B, 128]).
   """
