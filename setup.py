@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "absl-py==2.5.1",
     "numpy==2.4.6",
+    "fonttools==4.68.0",  # reads the colour emoji font's CBDT table (diffusion_jax.data.emoji)
 ]
 
 EXTRAS_REQUIRE = {

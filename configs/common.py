@@ -99,6 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shapes_num_train = 20_000   # shapes only: examples to prepare if missing
   c.data.shapes_max_objects = 3
   c.data.prepare = True              # shapes only: prepare the dataset if it is missing
+  # Real-data sets (fashion_mnist_offline, mnist5k, noto_emoji; also prepared if missing
+  # when data.prepare): the directory of their raw files if not where the packages put them.
+  c.data.source_dir = config_dict.placeholder(str)
 
   # Text encoder: "minilm-l6-offline" (pretrained, the default), "t5-offline" (random,
   # built in code), or a Hugging Face directory / hub id (T5 or BERT family).

@@ -188,7 +188,7 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
   """The TFDS name to read; for the built-in shapes dataset, prepared first if missing."""
   d = config.data
   if d.dataset != "shapes":
-    return d.dataset
+    return real_dataset_name(config) if _is_real_dataset(d.dataset) else d.dataset
   from diffusion_jax.data import multihost, shapes_tfds
 
   render = d.shapes_resolution or d.resolution
@@ -210,6 +210,33 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
     raise UserError(f"Dataset {name} is not prepared in {d.data_dir}; run "
                     f"{shapes_tfds.prepare_command(d.data_dir, name.split('/', 1)[1])} "
                     "or set config.data.prepare=True.")
+  return name
+
+
+def _is_real_dataset(dataset: str) -> bool:
+  from diffusion_jax.data import real_tfds
+
+  return real_tfds.is_real_dataset(dataset)
+
+
+def real_dataset_name(config: ml_collections.ConfigDict) -> str:
+  """A real-data set (diffusion_jax.data.real_tfds), prepared first from the installed
+  packages' files (or config.data.source_dir) if missing and config.data.prepare."""
+  from diffusion_jax.data import multihost, real_tfds
+
+  d = config.data
+  try:
+    builder = real_tfds.real_builder(d.dataset, d.data_dir, d.source_dir)
+    name = f"{builder.name}/{builder.builder_config.name}"
+    if d.prepare:  # every process calls this; process 0 prepares (see dataset_name)
+      multihost.prepare_once(lambda: real_tfds.prepare(name, d.data_dir, d.source_dir, log=print),
+                             key=f"{name}@{d.data_dir}")
+    elif not builder.is_prepared():
+      raise UserError(f"Dataset {name} is not prepared in {d.data_dir}; run "
+                      f"{real_tfds.prepare_command(d.data_dir, name)} or set "
+                      "config.data.prepare=True.")
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(f"config.data.dataset={d.dataset!r}: {e}") from None
   return name
 
 

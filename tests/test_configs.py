@@ -28,16 +28,20 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
 DEVICES = 64  # e.g. a TPU v4-128 slice (64 chips)
 
 
+# Arguments besides the default that each small config is also checked with.
+_ARGS = {"demo_base": ("smoke",), "demo_sr": ("smoke",), "fashion_mnist": ("smoke",),
+         "emoji": ("smoke", "sr", "sr,smoke")}
+
+
 def _configs(name):
   module = importlib.import_module(f"configs.{name}")
-  return [module.get_config()] + ([module.get_config("smoke")]
-                                  if name.startswith("demo") else [])
+  return [module.get_config()] + [module.get_config(arg) for arg in _ARGS.get(name, ())]
 
 
 def test_every_config_file_is_tested():
   # A new config file fails this until it is added here (or, if a paper config, to
   # unet.PAPER_PARAMS, which sizes the abstract train-state test below).
-  assert set(CONFIGS) == set(unet_lib.PAPER_PARAMS) | {"demo_base", "demo_sr"}
+  assert set(CONFIGS) == set(unet_lib.PAPER_PARAMS) | set(_ARGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

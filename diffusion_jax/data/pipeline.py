@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from diffusion_jax.data import shapes_tfds
+from diffusion_jax.data import real_tfds, shapes_tfds  # imported to register their builders
 
 CROPS = ("center", "random")
 # PIL's bicubic resize widens its kernel when downsampling, so it is antialiased.
@@ -44,6 +44,8 @@ _RESAMPLE = Image.Resampling.BICUBIC
 def _prepare_hint(name: str, data_dir: str) -> str:
   if name.startswith("shapes/"):
     return "prepare it with: " + shapes_tfds.prepare_command(data_dir, name.split("/", 1)[1])
+  if real_tfds.is_real_dataset(name):
+    return "prepare it with: " + real_tfds.prepare_command(data_dir, name)
   return (f"prepare it with: tfds build {name} --data_dir={data_dir} --file_format=array_record "
           "(on a machine that can download its source files)")
 
