@@ -37,8 +37,8 @@ def get_config(arg=None):
   c.train.preview_prompts = PREVIEW_PROMPTS
   if stage == "base":
     c.model.preset = "demo_base"
-    c.diffusion.schedule_kwargs.resolution = 32
-    c.diffusion.schedule_kwargs.base_resolution = 32
+    c.diffusion.schedule_kwargs.shifted_cosine.resolution = 32
+    c.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 32
     c.data.dataset = "noto_emoji/32px"
     c.data.resolution = 32
     c.train.num_steps = 20_000
@@ -46,8 +46,8 @@ def get_config(arg=None):
     c.train.preview_every = 500
   else:
     c.model.preset = "demo_sr"
-    c.diffusion.schedule_kwargs.resolution = 64
-    c.diffusion.schedule_kwargs.base_resolution = 32
+    c.diffusion.schedule_kwargs.shifted_cosine.resolution = 64
+    c.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 32
     c.diffusion.lowres_schedule = "shifted_cosine"
     c.diffusion.lowres_aug_max_t = 0.5
     c.data.dataset = "noto_emoji/64px"

@@ -21,8 +21,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/fashion_mnist.py takes no argument or ':smoke', got {arg!r}.")
   c = common.get_config()
   c.model.preset = "demo_base"
-  c.diffusion.schedule_kwargs.resolution = 32
-  c.diffusion.schedule_kwargs.base_resolution = 32
+  c.diffusion.schedule_kwargs.shifted_cosine.resolution = 32
+  c.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 32
   c.data.dataset = "fashion_mnist_offline/32px"
   c.data.caption_key = "caption"
   c.data.resolution = 32
