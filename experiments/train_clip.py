@@ -48,6 +48,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return result
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with a bad flag or config file reported as one line (exit 2)."""
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.get  # noqa: B018  (config_flags reports a bad file only on first use)
+    return remaining
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines()
+             if line.strip()]
+    print(f"error: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   try:
@@ -58,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

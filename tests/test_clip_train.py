@@ -2,9 +2,16 @@
 step on tiny data, the zero-shot and CLIP-score evaluators, and (slow) the trained shapes
 CLIP's zero-shot accuracy above a measured bar."""
 
+import json
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+from cli_helpers import one_error_line
 
+from diffusion_jax.models import clip as clip_lib
 from diffusion_jax.training import clip_train
 
 
@@ -39,3 +46,39 @@ def test_contrastive_loss_limits():
   assert float(clip_train.contrastive_loss(eye, eye, np.float32(np.log(100.0)))[0]) < 1e-6
   np.testing.assert_allclose(float(clip_train.contrastive_loss(eye, eye, np.float32(-50))[0]),
                              np.log(4), rtol=1e-5)
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, str(ROOT / "experiments" / "train_clip.py"), *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_config_variants_build_and_validate():
+  sys.path.insert(0, str(ROOT / "experiments"))
+  import train_clip
+
+  from configs import clip_shapes
+  for arg in (None, "noisy", "smoke", "noisy_smoke"):
+    config = clip_shapes.get_config(arg)
+    assert config.is_locked
+    settings = train_clip.settings_from_config(config)
+    assert settings.noise_aware == (arg is not None and "noisy" in arg)
+
+
+def test_bad_config_argument_is_one_error_line():
+  line = one_error_line(_run("--config=configs/clip_shapes.py:huge", "--workdir=/tmp/x"))
+  assert "takes no argument, ':noisy', ':smoke'" in line and "'huge'" in line
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_a_loadable_clip_and_eval(tmp_path):
+  r = _run("--config=configs/clip_shapes.py:noisy_smoke", f"--workdir={tmp_path}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads((tmp_path / "eval.json").read_text())
+  assert result["noise_aware"] and result["train"]["steps"] == 2
+  assert 0 <= result["held_out"]["accuracy"] <= 1 and result["num_candidates"] == 48
+  clip = clip_lib.load(tmp_path / "clip")
+  assert clip.noise_aware and clip.image_mean == (0.5, 0.5, 0.5)
