@@ -11,6 +11,7 @@ This config is not a diffusion config: configs/common.py's fields do not apply.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg=None):
@@ -21,10 +22,10 @@ def get_config(arg=None):
   c.resolution = 32
   c.num_train = 6000              # 1-object shapes train examples, rendered into memory
   c.num_eval = 480                # validation / held-out (test_compositional) images
-  c.batch_size = 128
-  c.num_steps = 2000
-  c.time_budget_s = 420.0         # stop early after this many seconds of training
-  c.learning_rate = 1e-3
+  c.batch_size = 64
+  c.num_steps = 1400
+  c.time_budget_s = config_dict.placeholder(float)   # stop early after this many seconds
+  c.learning_rate = 2e-3
   c.warmup_steps = 100
   c.weight_decay = 0.1
   c.seed = 0

@@ -41,6 +41,10 @@ flags.DEFINE_list("aug_level", None, "Low-res augmentation level t in [0, 1]: on
                   "or one per super-resolution stage.")
 flags.DEFINE_list("checkpoint_steps", None, "Checkpoint step to load per --workdirs entry "
                   "(an integer or 'latest'); samples.json records the steps loaded.")
+flags.DEFINE_float("clip_guidance_scale", 0.0, "CLIP guidance weight on the base stage (GLIDE; "
+                   "0: none); needs --clip_checkpoint.")
+flags.DEFINE_string("clip_checkpoint", None, "A (noise-aware) CLIP directory for "
+                    "--clip_guidance_scale, e.g. from experiments/train_clip.py.")
 flags.DEFINE_string("export_dir", None, "Also export the loaded stages here (stage_1, ...).")
 flags.mark_flags_as_required(["outdir"])
 

@@ -243,6 +243,22 @@ def per_stage_values(flag: str, values, count: int, parse=float, what: str = "st
   return parsed * count if len(parsed) == 1 else parsed
 
 
+def clip_guide(checkpoint: str | None, scale: float):
+  """The ClipGuide for --clip_guidance_scale / --clip_checkpoint (UserError on bad input)."""
+  from diffusion_jax.diffusion import clip_guidance
+  from diffusion_jax.models import clip as clip_lib
+  if scale < 0:
+    raise UserError(f"--clip_guidance_scale={scale}; it must be >= 0 (0: no CLIP guidance).")
+  if not checkpoint:
+    raise UserError("--clip_guidance_scale needs --clip_checkpoint: a CLIP directory, e.g. "
+                    "<workdir>/clip written by experiments/train_clip.py with "
+                    "configs/clip_shapes.py:noisy.")
+  try:
+    return clip_guidance.ClipGuide(clip_lib.load(checkpoint), scale)
+  except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    raise UserError(f"--clip_checkpoint={checkpoint}: {e}") from None
+
+
 def run_sampling(flags_values) -> pathlib.Path:
   """experiments/sample.py's work, from its absl flag values. Every flag is checked before
   a checkpoint is read or anything compiles."""
@@ -279,9 +295,12 @@ def run_sampling(flags_values) -> pathlib.Path:
                for w, a in zip(scales, aug_levels, strict=True)]
   overrides = dict(sampler=f.sampler, num_steps=f.steps, threshold=f.threshold,
                    percentile=f.percentile)
+  clip_scale = getattr(f, "clip_guidance_scale", None) or 0.0  # (demo.py has no such flag)
+  guide = clip_guide(getattr(f, "clip_checkpoint", None), clip_scale) if clip_scale else None
   cascade, described, text_meta = load_cascade(
       f.workdirs, f.stages, checkpoint_steps=checkpoint_steps, per_stage=per_stage,
       **overrides)
+  cascade.clip_guide = guide
   outdir = pathlib.Path(f.outdir)
   (outdir / "images").mkdir(parents=True, exist_ok=True)
   if f.export_dir:
@@ -310,6 +329,8 @@ def run_sampling(flags_values) -> pathlib.Path:
               f"--guidance_scale={','.join(str(d['guidance_scale']) for d in described)}"]
   if len(described) > 1:
     command += [f"--aug_level={','.join(str(d['aug_level']) for d in described[1:])}"]
+  if clip_scale:
+    command += [f"--clip_guidance_scale={clip_scale}", f"--clip_checkpoint={f.clip_checkpoint}"]
   for flag, value in (("sampler", f.sampler), ("steps", f.steps), ("threshold", f.threshold),
                       ("percentile", f.percentile)):
     if value is not None:

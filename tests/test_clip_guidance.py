@@ -114,3 +114,44 @@ def test_clip_guidance_moves_class_frequency_toward_prompt(trained_toy_clip, sam
   # Unguided, the exact denoiser samples each class half the time (128 draws: 0.5 +- 0.044).
   assert 0.35 < base < 0.65, base
   assert red > base + 0.25 and blue < base - 0.25, (base, red, blue)
+
+
+@pytest.mark.slow  # ~3 min on the contended machine (a U-Net and a CLIP compiled together)
+def test_cascade_applies_clip_guidance_to_the_base_stage():
+  import test_cascade
+  import training_helpers as th
+
+  from diffusion_jax import cascade as cascade_lib
+  base = test_cascade._stage(False, 8)
+  tok = clip_lib.train_tokenizer(PROMPTS, 300)
+  config = clip_train.small_config(len(tok), resolution=8, noise_aware=True, width=16,
+                                   layers=1, max_length=8, patch_size=4)
+  guide = clip_guidance.ClipGuide(clip_train.init_clip(config, tok), 50.0)
+  key = jax.random.key(0)
+  plain = cascade_lib.Cascade([base], th.HashText()).sample(PROMPTS, key)[0]
+  guided = cascade_lib.Cascade([base], th.HashText(), clip_guide=guide).sample(PROMPTS, key)[0]
+  assert guided.shape == plain.shape and np.all(np.isfinite(guided))
+  assert np.abs(guided).max() <= 1.0 + 1e-5  # still thresholded after the guidance
+  assert np.abs(guided - plain).max() > 1e-3
+  with pytest.raises(ValueError, match="must be >= 0"):
+    clip_guidance.ClipGuide(guide.clip, -1.0)
+
+
+def test_sample_flag_without_checkpoint_is_one_error_line(tmp_path):
+  import pathlib
+  import subprocess
+  import sys
+
+  from cli_helpers import one_error_line
+  root = pathlib.Path(__file__).resolve().parent.parent
+  r = subprocess.run([sys.executable, str(root / "experiments" / "sample.py"),
+                      "--prompts=a red circle", f"--outdir={tmp_path}",
+                      f"--stages={tmp_path / 'none'}", "--clip_guidance_scale=2"],
+                     capture_output=True, text=True, cwd=root, timeout=300)
+  assert "--clip_guidance_scale needs --clip_checkpoint" in one_error_line(r)
+  r = subprocess.run([sys.executable, str(root / "experiments" / "sample.py"),
+                      "--prompts=a red circle", f"--outdir={tmp_path}",
+                      f"--stages={tmp_path / 'none'}", "--clip_guidance_scale=2",
+                      f"--clip_checkpoint={tmp_path}"], capture_output=True, text=True,
+                     cwd=root, timeout=300)
+  assert f"--clip_checkpoint={tmp_path}: " in one_error_line(r)

@@ -54,3 +54,22 @@ def clip_guided(model_fn, image_embed_fn: ImageEmbedFn, text_emb: jnp.ndarray, s
     return model_fn
   return guidance.classifier(model_fn, similarity_fn(image_embed_fn, text_emb), scale,
                              parameterization)
+
+
+class ClipGuide:
+  """CLIP guidance of weight ``scale`` with a ``models.clip.CLIP``, for ``cascade.Cascade``
+  (which applies it to the base stage): ``encode(prompts)`` -> unit text embeddings
+  [B, E] on the host, ``wrapper(text_emb, parameterization)`` -> a model_fn wrapper."""
+
+  def __init__(self, clip, scale: float):
+    if scale < 0:
+      raise ValueError(f"CLIP guidance scale must be >= 0, got {scale}.")
+    self.clip, self.scale = clip, float(scale)
+
+  def encode(self, prompts) -> jnp.ndarray:
+    return self.clip.encode_prompts(list(prompts))
+
+  def wrapper(self, text_emb: jnp.ndarray, parameterization: str):
+    embed = clip_image_embed_fn(self.clip)
+    return lambda model_fn: clip_guided(model_fn, embed, text_emb, self.scale,
+                                        parameterization)

@@ -55,10 +55,10 @@ class ClipTrainSettings:
   """What ``train`` needs; experiments/train_clip.py fills it from configs/clip_shapes.py."""
   resolution: int = 32
   num_train: int = 10_000
-  batch_size: int = 128
-  num_steps: int = 1500
+  batch_size: int = 64
+  num_steps: int = 1400
   time_budget_s: float | None = None
-  learning_rate: float = 1e-3
+  learning_rate: float = 2e-3
   warmup_steps: int = 100
   weight_decay: float = 0.1
   seed: int = 0
