@@ -107,10 +107,10 @@ def test_clip_score_and_zero_shot_against_numpy():
     clip_score.clip_score(clip, images, prompts[:2])
 
 
-# Measured once (2026-12-01, contended CPU): configs/clip_shapes.py (1400 steps, batch 64)
-# chose the right one of the 48 captions for VAL_MEASURED of 480 validation images and
-# HELD_OUT_MEASURED of 480 held-out-pair images, colour always right (chance: 1/48).
-VAL_MEASURED, HELD_OUT_MEASURED = None, None
+# Measured once (2026-12-01, contended CPU, 537 s of training): configs/clip_shapes.py
+# (1400 steps, batch 64) chose the right one of the 48 captions for 0.4375 of 480
+# validation images and 0.344 of 480 held-out-pair images, the colour always right and
+# the shape the part it gets wrong (chance: 1/48 for the caption, 1/6 for the shape).
 CACHE = ROOT / ".cache" / "clip_shapes"
 
 
@@ -126,6 +126,6 @@ def test_trained_shapes_clip_picks_the_right_caption_above_the_bar():
   clip = clip_lib.load(CACHE / "clip")
   result = clip_train.shapes_zero_shot(clip, config.num_eval, config.resolution)
   assert result["validation"]["colour"] > 0.95 and result["held_out"]["colour"] > 0.95
-  # Bars with margin below the measured accuracies.
-  assert result["validation"]["accuracy"] > 0.35, result
-  assert result["held_out"]["accuracy"] > 0.25, result
+  # Bars with margin below the measured 0.4375 / 0.344 (a retrained CLIP may differ).
+  assert result["validation"]["accuracy"] > 0.3, result
+  assert result["held_out"]["accuracy"] > 0.22, result
