@@ -1,6 +1,7 @@
 """The unCLIP diffusion prior: two training steps on tiny data stay finite and change the
 params; classifier-free-guided DDIM sampling runs on vectors and gives [B, E] embeddings
 (unit-norm by ``to_embedding``'s construction; an untrained prior's raw norm means nothing)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
