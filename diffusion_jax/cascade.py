@@ -51,7 +51,7 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
                  guidance_scale: float | Callable = 1.0,
                  threshold: str = "dynamic", percentile: float = 0.995,
                  lowres: jnp.ndarray | None = None, lowres_logsnr: jnp.ndarray | None = None,
-                 sampler_options: dict | None = None) -> jnp.ndarray:
+                 sampler_options: dict | None = None, guide=None) -> jnp.ndarray:
   """Samples images [B, H, W, C] for text embeddings [B, L, D] (jit-able).
 
   ``null_cond``: {"text_emb": [L, D], "text_mask": [L]} (the encoded empty prompt).
@@ -59,6 +59,8 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
   ``guidance_scale``: the weight w, or a function logsnr [B] -> w [B]
   (guidance_schedules.weight_fn); a constant 1 runs the conditional model alone (one
   network call per step).
+  ``guide``: optional ``model_fn -> model_fn`` applied after classifier-free guidance and
+  before thresholding (e.g. ``diffusion.clip_guidance.clip_guided``).
   """
   batch = text_emb.shape[0]
   cond = {"text_emb": text_emb, "text_mask": text_mask}
@@ -72,6 +74,8 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
       return cond_model_fn(x_t, logsnr, cond)
   else:
     model_fn = guidance.classifier_free(cond_model_fn, cond, null, guidance_scale)
+  if guide is not None:
+    model_fn = guide(model_fn)
   model_fn = guidance.thresholded(model_fn, parameterization, threshold, percentile)
   x_T = samplers.initial_noise(key, (batch, *image_shape))
   return samplers.sample(sampler, model_fn, x_T, grid, key,
@@ -245,7 +249,8 @@ class Cascade:
   """An ordered list of stages sharing one text encoder (``encode(prompts) -> (emb,
   mask)``); the first stage is the base stage."""
 
-  def __init__(self, stages: Sequence[Stage], text_encoder):
+  def __init__(self, stages: Sequence[Stage], text_encoder, clip_guide=None):
+    """``clip_guide``: optional ``clip_guidance.ClipGuide`` steering the base stage."""
     if not stages:
       raise ValueError("A cascade needs at least one stage.")
     if stages[0].super_resolution:
@@ -261,6 +266,7 @@ class Cascade:
       if error:
         raise ValueError(f"Stage {number} does not chain: {error}")
     self.stages, self.text_encoder = list(stages), text_encoder
+    self.clip_guide = clip_guide
     self._compiled: dict[int, Callable] = {}
 
   def _stage_fn(self, index: int) -> Callable:
@@ -274,8 +280,10 @@ class Cascade:
       grid = spec.grid()  # numpy, built outside the trace
       scale = spec.guidance_weight()
 
-      def run(params, text_emb, text_mask, null_cond, keys, lowres):
+      def run(params, text_emb, text_mask, null_cond, keys, lowres, clip_text=None):
         extra = {}
+        if clip_text is not None:
+          extra["guide"] = self.clip_guide.wrapper(clip_text, spec.parameterization)
         if lowres is not None:
           # Noise-conditioning augmentation at the fixed level aug_level, per-image noise.
           logsnr = jnp.full((lowres.shape[0],), lowres_schedule.logsnr(spec.aug_level))
@@ -310,7 +318,9 @@ class Cascade:
         progress(f"stage {index + 1}/{len(self.stages)}: {stage.spec.resolution} px, "
                  f"{stage.spec.sampler} x {stage.spec.num_steps} steps, guidance "
                  f"{stage.spec.guidance_scale}")
-      images = self._stage_fn(index)(stage.params, emb, mask, null, keys, lowres)
+      clip_text = (self.clip_guide.encode(prompts) if index == 0 and self.clip_guide
+                   else None)
+      images = self._stage_fn(index)(stage.params, emb, mask, null, keys, lowres, clip_text)
       lowres = images
       outputs.append(np.asarray(jax.device_get(images)))
     return outputs

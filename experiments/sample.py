@@ -40,6 +40,10 @@ flags.DEFINE_list("checkpoint_steps", None, "Checkpoint step to load per --workd
                   "(an integer or 'latest'); samples.json records the steps loaded.")
 flags.DEFINE_list("aug_level", None, "Low-res augmentation level t in [0, 1]: one value, "
                   "or one per super-resolution stage.")
+flags.DEFINE_float("clip_guidance_scale", 0.0, "CLIP guidance weight on the base stage (GLIDE; "
+                   "0: none); needs --clip_checkpoint.")
+flags.DEFINE_string("clip_checkpoint", None, "A (noise-aware) CLIP directory for "
+                    "--clip_guidance_scale, e.g. from experiments/train_clip.py.")
 flags.DEFINE_string("export_dir", None, "Also export the loaded stages here (stage_1, ...).")
 # Per-stage settings: one value (every stage) or one per stage, base first; an empty
 # entry keeps that stage's own (--eta=0.5, for a ddim base stage and a heun SR stage).
@@ -78,7 +82,7 @@ def main(argv):
   builders.setup_compilation_cache()
   names = ("workdirs", "stages", "prompts", "prompts_file", "outdir", "seed", "first_index",
            "checkpoint_steps", "aug_level", "export_dir", *sampling.SPEC_SETTINGS,
-           *sampling.SAMPLER_OPTIONS)
+           *sampling.SAMPLER_OPTIONS, "clip_guidance_scale", "clip_checkpoint")
   result = sampling.sample_cascade(**{name: FLAGS[name].value for name in names},
                                    progress=lambda msg: print(msg, flush=True))
   print("wrote " + ", ".join(str(p) for p in result.grids) + f" and {result.record_path}")

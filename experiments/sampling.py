@@ -318,6 +318,23 @@ SAMPLER_OPTIONS = {"eta": float, "variance": str, "churn": float, "churn_tmin": 
                    "churn_tmax": float, "noise_scale": float}
 
 
+def clip_guide(checkpoint: str | None, scale: float):
+  """The ClipGuide for --clip_guidance_scale / --clip_checkpoint (UserError on bad input)."""
+  from diffusion_jax.diffusion import clip_guidance
+  from diffusion_jax.models import clip as clip_lib
+
+  if scale < 0:
+    raise UserError(f"--clip_guidance_scale={scale}; it must be >= 0 (0: no CLIP guidance).")
+  if not checkpoint:
+    raise UserError("--clip_guidance_scale needs --clip_checkpoint: a CLIP directory, e.g. "
+                    "<workdir>/clip written by experiments/train_clip.py with "
+                    "configs/clip_shapes.py:noisy.")
+  try:
+    return clip_guidance.ClipGuide(clip_lib.load(checkpoint), scale)
+  except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    raise UserError(f"--clip_checkpoint={checkpoint}: {e}") from None
+
+
 @dataclasses.dataclass
 class SampleResult:
   """What ``sample_cascade`` made: ``images`` per stage ([B, H_k, W_k, C] floats in
@@ -337,7 +354,8 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
                    sampler=None, steps=None, guidance_scale=None, guidance_schedule=None,
                    guidance_min=None, threshold=None, percentile=None, grid=None, rho=None,
                    eta=None, variance=None, churn=None, churn_tmin=None, churn_tmax=None,
-                   noise_scale=None) -> SampleResult:
+                   noise_scale=None, clip_guidance_scale: float = 0.0,
+                   clip_checkpoint: str | None = None) -> SampleResult:
   """Samples ``prompts`` through the cascade of training ``workdirs`` (or exported
   ``stages``), base stage first, and (with ``outdir``) writes a captioned grid per stage,
   every image alone and samples.json.
@@ -347,6 +365,8 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
   is None (the stage's own), one value for all stages, or a list of one per stage. Image
   i of the run (``first_index`` + its position) draws its randomness from the seed and i
   alone. Every value is checked before a checkpoint is read or anything compiles.
+  ``clip_guidance_scale`` > 0 guides the base stage with the (noise-aware) CLIP in
+  ``clip_checkpoint`` (GLIDE's CLIP guidance, diffusion.clip_guidance).
   """
   import shlex
 
@@ -394,8 +414,11 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
     checkpoint_steps = per_stage_values(
         "--checkpoint_steps", checkpoint_steps, len(workdirs), what="workdir",
         parse=lambda v: None if v == "latest" else int(v))
+  clip_scale = float(clip_guidance_scale or 0.0)
+  guide = clip_guide(clip_checkpoint, clip_scale) if clip_scale else None
   cascade, described, text_meta = load_cascade(
       workdirs, stages, checkpoint_steps=checkpoint_steps, per_stage=per_stage)
+  cascade.clip_guide = guide
   if export_dir:
     for i, stage in enumerate(cascade.stages):
       cascade_lib.export_stage(stage, pathlib.Path(export_dir) / f"stage_{i + 1}", text_meta)
@@ -405,7 +428,10 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
       "prompts": prompts, "seed": seed, "first_index": first_index, "stages": described,
       "text_encoder": cascade.text_encoder.encoder_id,
       "checkpoint_steps": [d.get("step") for d in described],
-      "regenerate": shlex.join(regenerate_command(workdirs, stages, seed, described)) +
+      "clip_guidance": ({"scale": clip_scale, "checkpoint": str(clip_checkpoint)}
+                        if clip_scale else None),
+      "regenerate": shlex.join(regenerate_command(workdirs, stages, seed, described,
+                                                  clip_scale, clip_checkpoint)) +
                     " --prompts=<prompt i> --first_index=<i> --outdir=<dir>",
   }
   if outdir is None:
@@ -426,7 +452,8 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
   return SampleResult(outputs, record, [pathlib.Path(p) for p in written], record_path)
 
 
-def regenerate_command(workdirs, stages, seed: int, described: list[dict]) -> list[str]:
+def regenerate_command(workdirs, stages, seed: int, described: list[dict],
+                       clip_scale: float = 0.0, clip_checkpoint=None) -> list[str]:
   """The sample.py command (without prompts and outdir) that samples the same images:
   the loaded checkpoints pinned by step (so it still holds after training continues) and
   every stage's resolved setting spelt out, so no default can change under it."""
@@ -445,4 +472,6 @@ def regenerate_command(workdirs, stages, seed: int, described: list[dict]) -> li
   for name in SAMPLER_OPTIONS:
     if any(name in own for own in options):  # '' for a stage whose sampler lacks it
       command.append(f"--{name}={','.join(str(own.get(name, '')) for own in options)}")
+  if clip_scale:
+    command += [f"--clip_guidance_scale={clip_scale}", f"--clip_checkpoint={clip_checkpoint}"]
   return command
