@@ -285,13 +285,16 @@ def run_training(config: ml_collections.ConfigDict, workdir: str):
 
   try:  # held from here (before the data and the encoder load) to the end of the run
     with workdir_lock.hold(workdir):
-      # The loop checks again against the checkpoint it restores; this is the early look.
-      stored, step = checkpoint.stored_config(workdir)
+      # The early look, before minutes of loading; the loop checks again against the
+      # checkpoint it restores (and offers an intact one if the newest is unreadable).
+      try:
+        stored, step = checkpoint.stored_config(workdir)
+      except checkpoint.CheckpointError:
+        stored, step = None, None
       resume.check_config(stored, config.to_dict(), resume_rules(),
                           f"{workdir}/checkpoints/{step}")
       return _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop)
-  except (workdir_lock.WorkdirLockedError, resume.IncompatibleResumeError,
-          checkpoint.CheckpointError) as e:
+  except (workdir_lock.WorkdirLockedError, resume.IncompatibleResumeError) as e:
     raise UserError(str(e)) from None
 
 

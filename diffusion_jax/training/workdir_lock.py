@@ -225,7 +225,7 @@ def hold(workdir: str | epath.PathLike, log: Callable[[str], None] = print,
   if jax.process_index() == 0:
     try:
       lock = WorkdirLock(workdir, lease_s=lease_s, log=log).acquire()
-    except WorkdirLockedError as e:
+    except Exception as e:  # noqa: BLE001  (raised below, after the others heard of it)
       error = e
   if jax.process_count() > 1:
     import numpy as np
