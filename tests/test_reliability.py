@@ -344,7 +344,7 @@ def test_train_py_exits_with_the_preemption_code_after_a_sigterm_stop(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_py_sigterm_end_to_end_exits_3_and_resumes(tmp_path):
+def test_train_py_sigterm_end_to_end_exits_3(tmp_path):
   workdir = tmp_path / "run"
   command = [sys.executable, str(ROOT / "experiments" / "train.py"),
              f"--config={ROOT / 'configs' / 'demo_base.py'}:smoke", f"--workdir={workdir}",
