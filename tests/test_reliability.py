@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import training_helpers as th
-from cli_helpers import one_error_line
+from cli_helpers import PREEMPTED_EXIT_CODE, one_error_line
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -339,7 +339,7 @@ def test_train_py_exits_with_the_preemption_code_after_a_sigterm_stop(tmp_path):
       f"runpy.run_path({str(ROOT / 'experiments' / 'train.py')!r}, run_name='__main__')\n")
   r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                      timeout=300)
-  assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
+  assert r.returncode == PREEMPTED_EXIT_CODE, (r.returncode, r.stderr[-3000:])
   assert "preempted: SIGTERM at step 7" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -358,7 +358,7 @@ def test_train_py_sigterm_end_to_end_exits_3(tmp_path):
       proc.send_signal(signal.SIGTERM)
       break
   out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 3, (proc.returncode, err[-3000:])
+  assert proc.returncode == PREEMPTED_EXIT_CODE, (proc.returncode, err[-3000:])
   assert "preempted: SIGTERM at step" in err and "Traceback" not in err
   saved = [int(p.name) for p in (workdir / "checkpoints").iterdir()]
   assert len(saved) == 1 and saved[0] >= 2
