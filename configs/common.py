@@ -74,6 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
                              "a yellow star")
   c.train.preview_steps = 25
   c.train.preview_guidance_scale = 3.0
+  # Resuming (README "Resuming a run"): continue with a restarted input stream when the
+  # checkpoint's data-iterator states do not fit this run's process count; resume from the
+  # newest intact checkpoint when newer ones are unreadable (they are moved aside).
+  c.train.allow_data_restart = False
+  c.train.recover_from_intact = False
 
   # Sharding: mesh axis sizes (-1 = all remaining devices) and logical rules.
   c.mesh = ml_collections.ConfigDict()
@@ -120,3 +125,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = config_dict.placeholder(int)
   c.distributed.process_id = config_dict.placeholder(int)
   return c.lock()
+
+
+# The fields a resumed run may change (fnmatch patterns of dotted names): how long, how
+# fast and where it trains, what it logs and saves. Any other difference from the config
+# stored in the checkpoint changes what the weights mean, and the resume is refused in one
+# line naming the fields. A field added here later, absent from an older checkpoint's
+# config, counts as unchanged while it keeps its default.
+MAY_CHANGE_ON_RESUME = (
+    "train.num_steps", "train.time_budget_s", "train.batch_size", "train.grad_accum_steps",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.max_nonfinite_in_a_row", "train.preview_*", "train.ema_decay",
+    "train.allow_data_restart", "train.recover_from_intact",
+    "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
+    "optimizer.final_lr_fraction",
+    "model.remat",
+    "data.data_dir", "data.prepare", "text.cache_dir",
+    "mesh.*", "distributed.*",
+)
+# Dict-valued fields with free-form keys, compared as one value on resume.
+COMPARED_WHOLE_ON_RESUME = ("diffusion.schedule_kwargs", "diffusion.lowres_schedule_kwargs")

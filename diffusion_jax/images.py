@@ -1,14 +1,62 @@
-"""Image utilities: [-1, 1] float arrays <-> uint8, captioned PNG grids."""
+"""Image utilities: [-1, 1] float arrays <-> uint8, captioned PNG grids.
+
+Captions are drawn in DejaVu Sans, which covers Latin, Greek, Cyrillic and many symbols:
+the copy matplotlib (a pinned dependency) ships, else the system's (Debian
+fonts-dejavu-core). A character the font has no glyph for (CJK, most emoji) is drawn as
+"?" and the caption says so, rather than as a box that looks like any other.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import os
+import pathlib
 import textwrap
 
 import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
+
+_FONT_FILES = ("mpl-data/fonts/ttf/DejaVuSans.ttf",)  # inside the matplotlib package
+_SYSTEM_FONTS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",)
+MISSING_GLYPH_NOTE = " [? = no glyph]"
+
+
+@functools.cache
+def caption_font(size: int = 10) -> tuple[ImageFont.ImageFont, frozenset[int] | None]:
+  """(the caption font, the code points it has glyphs for; None: only ASCII is safe).
+
+  DejaVu Sans from matplotlib's package data or the system; Pillow's default otherwise.
+  """
+  candidates = []
+  spec = importlib.util.find_spec("matplotlib")
+  if spec is not None and spec.origin:
+    candidates += [pathlib.Path(spec.origin).parent / f for f in _FONT_FILES]
+  candidates += [pathlib.Path(f) for f in _SYSTEM_FONTS]
+  for path in candidates:
+    if path.is_file():
+      try:
+        from fontTools.ttLib import TTFont  # matplotlib's own dependency
+
+        with TTFont(str(path), lazy=True) as ttf:
+          covered = frozenset(ttf.getBestCmap())
+        return ImageFont.truetype(str(path), size), covered
+      except (OSError, ImportError):
+        continue
+  return ImageFont.load_default(), None
+
+
+def drawable_caption(caption: str, covered: frozenset[int] | None) -> str:
+  """``caption`` with every character the font cannot draw replaced by "?", plus a note
+  saying so when there was one."""
+  def ok(ch):
+    return ch.isspace() or (ord(ch) in covered if covered is not None else ch.isascii())
+
+  if all(ok(ch) for ch in caption):
+    return caption
+  return "".join(ch if ok(ch) else "?" for ch in caption) + MISSING_GLYPH_NOTE
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -30,9 +78,10 @@ def make_grid(images: np.ndarray, captions: list[str] | None = None, columns: in
     h, w = h * scale, w * scale
   columns = max(1, min(columns, n))
   rows = -(-n // columns)
-  font = ImageFont.load_default()
+  font, covered = caption_font()
   chars = max(8, w // 6)
-  wrapped = [textwrap.wrap(c, chars)[:4] for c in captions] if captions else None
+  wrapped = ([textwrap.wrap(drawable_caption(c, covered), chars)[:4] for c in captions]
+             if captions else None)
   text_h = 12 * max((len(lines) for lines in wrapped), default=0) if wrapped else 0
   cell_h, cell_w = h + text_h + pad, w + pad
   canvas = Image.new("RGB", (columns * cell_w + pad, rows * cell_h + pad), "white")

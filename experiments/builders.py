@@ -124,7 +124,19 @@ def loop_settings(config: ml_collections.ConfigDict) -> loop_lib.LoopSettings:
       mesh_axes=(("data", config.mesh.data), ("model", config.mesh.model)),
       rules=RULES[config.mesh.rules], preview_every=t.preview_every,
       preview_prompts=tuple(t.preview_prompts), preview_steps=t.preview_steps,
-      preview_guidance_scale=t.preview_guidance_scale)
+      preview_guidance_scale=t.preview_guidance_scale,
+      allow_data_restart=t.get("allow_data_restart", False),
+      recover_from_intact=t.get("recover_from_intact", False))
+
+
+def resume_rules():
+  """What a resumed run may change (configs/common.py: MAY_CHANGE_ON_RESUME)."""
+  from configs import common
+  from diffusion_jax.training import resume
+
+  return resume.ResumeRules(may_change=common.MAY_CHANGE_ON_RESUME,
+                            compared_whole=common.COMPARED_WHOLE_ON_RESUME,
+                            defaults=common.get_config().to_dict())
 
 
 class CachedTextEncoder:
@@ -294,8 +306,6 @@ def dataset_captions(config: ml_collections.ConfigDict,
 
 def run_training(config: ml_collections.ConfigDict, workdir: str):
   """Validates the whole config, then trains (resuming from ``workdir`` if possible)."""
-  import jax
-
   from diffusion_jax.training import loop as loop_lib
 
   dist = config.distributed
@@ -311,6 +321,29 @@ def run_training(config: ml_collections.ConfigDict, workdir: str):
     loop_lib.check_workdir(workdir)  # before minutes of loading data and the encoder
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  from diffusion_jax.training import checkpoint, resume, workdir_lock
+
+  try:  # held from here (before the data and the encoder load) to the end of the run
+    with workdir_lock.hold(workdir):
+      # The early look, before minutes of loading; the loop checks again against the
+      # checkpoint it restores (and offers an intact one if the newest is unreadable).
+      try:
+        stored, step = checkpoint.stored_config(workdir)
+      except checkpoint.CheckpointError:
+        stored, step = None, None
+      resume.check_config(stored, config.to_dict(), resume_rules(),
+                          f"{workdir}/checkpoints/{step}")
+      return _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop)
+  except (workdir_lock.WorkdirLockedError, resume.IncompatibleResumeError) as e:
+    raise UserError(str(e)) from None
+
+
+def _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop):
+  import jax
+
+  from diffusion_jax.training import checkpoint, resume
+  from diffusion_jax.training import loop as loop_lib
+
   try:
     mesh = sharding.make_mesh(dict(loop.mesh_axes))
   except ValueError as e:
@@ -335,8 +368,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str):
     return loop_lib.train(
         workdir, model=unet_lib.UNet(model_cfg), loop=loop, step_settings=steps,
         optimizer=optimizer, data_factory=factory, text_encoder=encoder,
-        config_json=config.to_dict())
-  except loop_lib.NonFiniteError as e:
+        config_json=config.to_dict(), resume_rules=resume_rules())
+  except (loop_lib.NonFiniteError, loop_lib.DataRestartError, loop_lib.WorkdirWriteError,
+          resume.IncompatibleResumeError, checkpoint.CheckpointError) as e:
     raise UserError(str(e)) from None
 
 

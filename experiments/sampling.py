@@ -54,12 +54,27 @@ def sampling_text_encoder(configs, workdirs, steps=None):
 def _restore_error(e: Exception, step: int | None) -> UserError:
   """A checkpoint restore's error as a UserError. With a step asked for, a
   FileNotFoundError means the workdir has no checkpoint at that step."""
+  from diffusion_jax.training import checkpoint
+
   if isinstance(e, FileNotFoundError) and step is not None:
     return UserError(f"{str(e).removesuffix('.')} (fix --checkpoint_steps).")
+  if isinstance(e, checkpoint.CheckpointError) and not isinstance(
+      e, checkpoint.CheckpointMismatchError):
+    return UserError(f"{e} Load another step with --checkpoint_steps=STEP.")
   return UserError(str(e))
 
 
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+def load_workdir_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config a training workdir's checkpoint ``step`` (None: the newest) was written
+  with, as stored in that checkpoint; config.json (the latest run's) if it holds none."""
+  from diffusion_jax.training import checkpoint
+
+  try:
+    stored, _ = checkpoint.stored_config(workdir, step)
+  except checkpoint.CheckpointError as e:
+    raise _restore_error(e, step) from None
+  if stored is not None:
+    return ml_collections.ConfigDict(stored)
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
     raise UserError(f"{path} not found: {workdir} is not a training workdir (train a stage "
@@ -193,7 +208,7 @@ def load_cascade(workdirs=(), exported=(), *, checkpoint_steps=None, per_stage=N
   steps = list(checkpoint_steps) if checkpoint_steps is not None else [None] * len(sources)
   stages, described, encoder, encoder_ids = [], [], None, set()
   if workdirs:
-    configs = [load_workdir_config(w) for w in workdirs]
+    configs = [load_workdir_config(w, s) for w, s in zip(workdirs, steps, strict=True)]
     specs, previous = [], None  # (UNetConfig, StageSpec) per workdir
     for workdir, config, own in zip(workdirs, configs, overrides, strict=True):
       specs.append(workdir_stage_spec(workdir, config, previous, **own))

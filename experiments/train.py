@@ -2,10 +2,18 @@ r"""Trains one stage of the cascade.
 
   python experiments/train.py --config=configs/demo_base.py --workdir=runs/demo/base
 
-Re-running with the same --workdir resumes from its latest checkpoint. On a TPU VM slice,
+Re-running with the same --workdir resumes from its latest checkpoint (if the config may
+continue it: configs/common.py MAY_CHANGE_ON_RESUME lists what may change). One run holds a
+workdir at a time (workdir/lock.json; a dead holder's lock is taken over). On a TPU VM slice,
 run the same command on every host (gcloud ... ssh --worker=all --command="..."); on a
 GPU cluster pass --config.distributed.coordinator_address=HOST:PORT and the process count
 and id (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+
+Exit codes: 0 the run finished (num_steps or its time budget); 2 a user error, printed as
+one "error: ..." line (a bad config or flag, a workdir held by another run, a resume the
+checkpoint's config refuses, an unreadable checkpoint, a full disk, a non-finite streak);
+3 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after saving a checkpoint of the current step:
+rerun the same command to resume.
 """
 
 import pathlib
@@ -18,6 +26,10 @@ import cli  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+# A SIGTERM (preemption) stop, after its checkpoint: distinct from 0 (finished) and 2
+# (user error), so a retry wrapper knows to rerun.
+PREEMPTED_EXIT_CODE = 3
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and previews.")
@@ -29,11 +41,16 @@ def main(argv):
   if FLAGS.verbosity == 0:  # orbax logs every save at INFO; keep the console readable
     logging.set_verbosity(logging.WARNING)
   builders.setup_compilation_cache()
+  from diffusion_jax.training import loop
+
   try:
     builders.run_training(FLAGS.config, FLAGS.workdir)
   except builders.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except loop.Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import subprocess
 # experiments/train.py and experiments/sample.py exit with this after printing a user error
 # (builders.UserError, a bad flag) as one "error: ..." line.
 USER_ERROR_EXIT_CODE = 2
+# experiments/train.py exits with this after a SIGTERM stop that saved a checkpoint.
+PREEMPTED_EXIT_CODE = 3
 
 
 def one_error_line(r: subprocess.CompletedProcess) -> str:

@@ -75,9 +75,12 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   r = _worker(resumed, 8, "--checkpoint-every", 4, "--kill-at", 6)
   assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
   assert "STEP 6" in r.stdout and "STEP 7" not in r.stdout
+  assert (resumed / "lock.json").exists()  # the killed run could not remove its lock
   r = _worker(resumed, 8, "--checkpoint-every", 4, "--dump", tmp_path / "resumed.npz")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "STEP 5" in r.stdout and "STEP 4" not in r.stdout  # resumed at step 4
+  assert "Taking over the stale lock" in r.stdout and "is gone" in r.stdout, r.stdout
+  assert not (resumed / "lock.json").exists()
   # Steps 5-6 of the killed run were logged, then dropped on resume: each step once.
   assert [r["step"] for r in _records(resumed)] == list(range(1, 9))
   assert _losses(resumed) == _losses(straight)
@@ -106,6 +109,7 @@ def test_sigterm_writes_checkpoint_of_current_step(tmp_path):
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
   assert saved == [final], (saved, final)
   assert f"DONE {final}" in out
+  assert "PREEMPTED" in out  # the loop raised loop.Preempted, not returned as if done
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path):

@@ -35,6 +35,8 @@ import numpy as np  # noqa: E402
 import training_helpers  # noqa: E402
 
 from diffusion_jax import sharding  # noqa: E402
+from diffusion_jax.training import loop as loop_lib  # noqa: E402
+from diffusion_jax.training import workdir_lock  # noqa: E402
 
 if args.port is not None:
   assert sharding.maybe_initialize_distributed(f"127.0.0.1:{args.port}", 2, args.process_id)
@@ -48,11 +50,19 @@ def on_step_end(step):
     time.sleep(0.2)
 
 
-state, _ = training_helpers.run(args.workdir, args.steps,
-                                checkpoint_every=args.checkpoint_every,
-                                mesh_axes=(("data", args.data), ("model", args.model)),
-                                on_step_end=on_step_end, time_budget_s=args.time_budget,
-                                log=lambda s: print(s, flush=True))
+try:
+  state, _ = training_helpers.run(args.workdir, args.steps,
+                                  checkpoint_every=args.checkpoint_every,
+                                  mesh_axes=(("data", args.data), ("model", args.model)),
+                                  on_step_end=on_step_end, time_budget_s=args.time_budget,
+                                  log=lambda s: print(s, flush=True))
+except loop_lib.Preempted as e:  # SIGTERM: checkpointed, then stopped
+  print("PREEMPTED", flush=True)
+  print("DONE", e.step, flush=True)
+  sys.exit(0)
+except workdir_lock.WorkdirLockedError as e:
+  print(f"error: {e}", file=sys.stderr, flush=True)
+  sys.exit(2)
 if args.dump:
   flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
           jax.tree_util.tree_leaves_with_path({"params": state.params,

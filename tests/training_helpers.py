@@ -101,7 +101,8 @@ def run(workdir, num_steps, *, batch_size=8, checkpoint_every=1000, log_every=1,
         mesh_axes=(("data", -1), ("model", 1)), learning_rate=2e-3, on_step_end=None,
         nan_images=False, nan_batches=(), max_nonfinite_in_a_row=20, grad_accum_steps=1,
         seed=0, super_resolution=False, text_encoder=None, time_budget_s=None,
-        log=lambda s: None):
+        log=lambda s: None, keep_checkpoints=3, allow_data_restart=False,
+        recover_from_intact=False, config_json=None, resume_rules=None):
   import jax
 
   resolution = 16
@@ -119,10 +120,12 @@ def run(workdir, num_steps, *, batch_size=8, checkpoint_every=1000, log_every=1,
           num_steps=num_steps, batch_size=batch_size, resolution=resolution,
           lowres_resolution=lowres, log_every=log_every, checkpoint_every=checkpoint_every,
           mesh_axes=mesh_axes, max_nonfinite_in_a_row=max_nonfinite_in_a_row, seed=seed,
-          time_budget_s=time_budget_s),
+          time_budget_s=time_budget_s, keep_checkpoints=keep_checkpoints,
+          allow_data_restart=allow_data_restart, recover_from_intact=recover_from_intact),
       step_settings=step_lib.StepSettings(diffusion, ema_decay=0.9,
                                           grad_accum_steps=grad_accum_steps),
       optimizer=state_lib.OptimizerSettings(learning_rate=learning_rate, warmup_steps=2),
       data_factory=lambda: ShapesIterator(batch_size, resolution, lowres, nan_images,
                                           nan_batches, **process),
-      text_encoder=text_encoder, on_step_end=on_step_end, log=log)
+      text_encoder=text_encoder, on_step_end=on_step_end, log=log, config_json=config_json,
+      resume_rules=resume_rules)

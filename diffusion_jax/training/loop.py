@@ -3,15 +3,20 @@
 ``train`` builds the mesh, initialises or restores the state directly onto its
 shardings, compiles the train step once, and loops: next batch -> text embeddings (or
 tokens, for a text encoder that trains with the U-Net) -> global arrays -> step ->
-metrics / checkpoints / previews. It resumes from the latest checkpoint in ``workdir``
-(a local path or ``gs://...``), and on SIGTERM (TPU VM preemption) it writes a checkpoint
-of the current step and returns. With several processes, all of them stop at the same
-step (see ``_agree_to_stop``).
+metrics / checkpoints / previews. It holds ``workdir``'s lock for the whole run (one run
+per workdir, see ``workdir_lock``) and resumes from the latest checkpoint in ``workdir``
+(a local path or ``gs://...``) if the run's config may continue it (``resume``); on
+SIGTERM (TPU VM preemption) it writes a checkpoint of the current step and raises
+``Preempted``, so a caller cannot mistake a preempted run for a finished one. With several
+processes, all of them stop at the same step (see ``_agree_to_stop``). No checkpoint is
+written while steps are being skipped as non-finite (the last one before such a streak
+stays the newest, so ``keep_checkpoints`` cannot rotate it out).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import signal
@@ -25,11 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffusion_jax import cascade, images, sharding
-from diffusion_jax.diffusion import grids
+from diffusion_jax import sharding
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import metrics as metrics_lib
+from diffusion_jax.training import preview as preview_lib
+from diffusion_jax.training import resume as resume_lib
 from diffusion_jax.training import state as state_lib
+from diffusion_jax.training import workdir_lock
 from diffusion_jax.training.step import StepSettings, train_step
 
 
@@ -70,6 +77,10 @@ class LoopSettings:
 
   ``num_steps`` is the step to stop at (a resumed run continues up to it);
   ``time_budget_s`` additionally stops after that much wall-clock time in this process.
+  ``allow_data_restart``: resume even when the checkpoint's data-iterator states cannot be
+  given to this run's processes (another process count), restarting the input stream.
+  ``recover_from_intact``: when the newest checkpoint is unreadable, resume from the
+  newest intact one (the unreadable ones are moved aside) instead of stopping.
   """
 
   num_steps: int
@@ -88,6 +99,8 @@ class LoopSettings:
   preview_prompts: tuple[str, ...] = ()
   preview_steps: int = 25
   preview_guidance_scale: float = 3.0
+  allow_data_restart: bool = False
+  recover_from_intact: bool = False
 
   def __post_init__(self):
     for name in ("num_steps", "batch_size", "resolution", "log_every", "checkpoint_every",
@@ -101,6 +114,20 @@ class LoopSettings:
 
 class NonFiniteError(RuntimeError):
   pass
+
+
+class Preempted(Exception):  # noqa: N818  (not an error: the run stopped on request)
+  """SIGTERM stopped the run after it saved a checkpoint of ``step``: rerun to resume."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+DataRestartError = resume_lib.DataRestartError
+
+class WorkdirWriteError(RuntimeError):
+  """Writing to the workdir failed (a full disk, lost permissions); one-line message."""
 
 
 class _Preemption:
@@ -311,7 +338,9 @@ def _agree_to_stop(out_of_time: bool, preempted: bool) -> tuple[bool, bool]:
 def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings,
           step_settings: StepSettings, optimizer: state_lib.OptimizerSettings,
           data_factory: Callable[[], Iterator[dict]], text_encoder: TextEncoderLike,
-          config_json: dict | None = None, log: Callable[[str], None] = print,
+          config_json: dict | None = None,
+          resume_rules: resume_lib.ResumeRules | None = None,
+          log: Callable[[str], None] = print,
           on_step_end: Callable[[int], None] | None = None):
   """Trains ``model`` in ``workdir`` (resuming if it holds checkpoints).
 
@@ -322,11 +351,23 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
   and EMA'd with the U-Net's), the host only tokenizes and the encoder runs inside the
   loss. ``on_step_end(step)`` is called after each step's bookkeeping (tests use it).
 
-  Returns (final TrainState, last summarised metrics).
+  ``config_json`` is stored with every checkpoint and, once the run is accepted, as
+  ``workdir/config.json``; a resume whose config differs from the checkpoint's beyond
+  ``resume_rules.may_change`` raises ``resume.IncompatibleResumeError`` first (default
+  rules: nothing may change). Another live run in ``workdir`` raises
+  ``workdir_lock.WorkdirLockedError``. Returns (final TrainState, last summarised metrics)
+  after ``num_steps`` or the time budget; raises ``Preempted`` after a SIGTERM's checkpoint.
   """
   workdir = check_workdir(workdir)
-  if config_json is not None and jax.process_index() == 0:
-    (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+  with workdir_lock.hold(workdir, log=log):
+    return _train(workdir, model=model, loop=loop, step_settings=step_settings,
+                  optimizer=optimizer, data_factory=data_factory, text_encoder=text_encoder,
+                  config_json=config_json, resume_rules=resume_rules or resume_lib.ResumeRules(),
+                  log=log, on_step_end=on_step_end)
+
+
+def _train(workdir: epath.Path, *, model, loop: LoopSettings, step_settings, optimizer,
+           data_factory, text_encoder, config_json, resume_rules, log, on_step_end):
   mesh = sharding.make_mesh(dict(loop.mesh_axes))
   tx = state_lib.make_optimizer(optimizer)
   trainable_text = _trainable(text_encoder)
@@ -342,10 +383,16 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
       model, tx, inputs, mesh, loop.rules, text_encoder if trainable_text else None)
   base_key = jax.random.key(loop.seed)
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=loop.keep_checkpoints)
-  saved_data = None
-  if checkpointer.latest_step() is not None:
-    target = ckpt_lib.abstract_with_shardings(nn.unbox(abstract), state_shardings)
-    state, saved_data = checkpointer.restore(target)
+  try:
+    restored = resume_lib.restore_latest(
+        checkpointer, ckpt_lib.abstract_with_shardings(nn.unbox(abstract), state_shardings),
+        config_json, resume_rules, recover=loop.recover_from_intact, log=log)
+  except BaseException:
+    checkpointer.close()
+    raise
+  resumed = restored is not None
+  if resumed:
+    state, saved_data = restored
     log(f"Resumed from {checkpointer.directory} at step {int(state.step)}.")
   else:
     init_args = (base_key,) + ((text_encoder.params,) if trainable_text else ())
@@ -357,13 +404,17 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
          else "") + f" on mesh {dict(mesh.shape)}.")
 
   data = data_factory()
-  if checkpointer.latest_step() is not None:
-    data_state, why_not = ckpt_lib.data_state_of_process(
-        saved_data, jax.process_index(), jax.process_count())
+  if resumed:
+    try:
+      data_state = resume_lib.data_state_to_restore(saved_data, int(state.step),
+                                                    loop.allow_data_restart, log)
+    except DataRestartError:
+      checkpointer.close()
+      raise
     if data_state is not None:
       data.set_state(data_state)
-    else:
-      log(f"The input pipeline starts afresh: {why_not}.")
+  if config_json is not None and jax.process_index() == 0:  # the run is accepted now
+    (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   null_cond = jax.device_put(null_cond, replicated)
   batch_shardings = _batch_shardings(mesh, loop.rules, trainable_text,
@@ -375,13 +426,13 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
       in_shardings=(state_shardings, batch_shardings,
                     jax.tree.map(lambda _: replicated, null_cond)),
       out_shardings=(state_shardings, None), donate_argnums=0)
-  preview = _make_preview(model, step_settings, loop, text_encoder, null_cond)
+  preview = preview_lib.make_preview(model, step_settings, loop, text_encoder, null_cond)
 
   step = int(state.step)
   writer = metrics_lib.MetricWriter(workdir, total_steps=loop.num_steps, start_step=step)
   accumulator = metrics_lib.MetricAccumulator()
   start_time = interval_start = time.time()
-  interval_steps, summary = 0, {}
+  interval_steps, summary, stop, completed = 0, {}, None, False
   with _Preemption() as preemption, sharding.sharding_context(mesh, loop.rules):
     try:
       while step < loop.num_steps:
@@ -410,12 +461,21 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
           # looks still counts, and no checkpoint is written after one.
           longest = int(state.nonfinite_longest)
           if longest >= loop.max_nonfinite_in_a_row:
+            before = checkpointer.latest_step()
             raise NonFiniteError(
                 f"{longest} steps in a row had a NaN/Inf loss or gradient (by step {step});"
                 " stopping. Lower the learning rate, enable gradient clipping, or check the "
-                f"data. The last good checkpoint is in {checkpointer.directory}.")
+                "data. " + (f"The last checkpoint written before the streak is step "
+                            f"{before} in {checkpointer.directory}; rerunning resumes from "
+                            "it." if before is not None else
+                            "No checkpoint was written before the streak."))
         pause_start = time.time()  # checkpoints and previews don't count as step time
-        if save_now:
+        # A step inside a non-finite streak is not saved: its params may be poisoned
+        # already, and its saved counters would stop the resumed run at once.
+        if save_now and int(state.nonfinite_in_a_row) > 0:
+          log(f"Step {step}: not saving a checkpoint during a streak of "
+              f"{int(state.nonfinite_in_a_row)} skipped non-finite step(s).")
+        elif save_now:
           checkpointer.save(step, state, data.get_state(), config_json)
         if preview is not None and (step % loop.preview_every == 0 or last):
           preview(state, step, writer, workdir)
@@ -423,64 +483,43 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
         if on_step_end is not None:
           on_step_end(step)
         if preempted:
-          log(f"SIGTERM{'' if preemption.requested else ' (on another process)'}: saved a "
-              f"checkpoint at step {step}; exiting.")
+          saved = checkpointer.latest_step()
+          stop = Preempted(
+              f"SIGTERM{'' if preemption.requested else ' (on another process)'} at step "
+              f"{step}: " + (f"the newest checkpoint is step {saved}" if saved is not None
+                             else "no checkpoint to resume from") + "; rerun the same "
+              "command to resume.", step)
+          log(str(stop))
           break
         if out_of_time:
           log(f"Time budget of {loop.time_budget_s:.0f}s reached at step {step}."
               if own_out_of_time else
               f"Another process reached its time budget at step {step}; stopping with it.")
           break
+      completed = True
+    except OSError as e:  # a metrics line, a preview, an event file: the disk is full?
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        raise
+      saved = checkpointer.latest_step()
+      raise WorkdirWriteError(
+          f"Writing {e.filename or workdir} failed at step {step}: {e.strerror}. "
+          + (f"The last checkpoint, step {saved}, is intact: " if saved is not None else "")
+          + "free space (or fix the permissions) and rerun the same command to resume."
+      ) from None
     finally:
-      checkpointer.wait()
-      checkpointer.close()
-      writer.close()
+      _close(checkpointer, writer, quietly=not completed)
+  if stop is not None:
+    raise stop
   return state, summary
 
 
-def _make_preview(model, step_settings: StepSettings, loop: LoopSettings, text_encoder,
-                  null_cond):
-  """A jitted EMA sampler for the preview prompts (base stages), or None. A trainable
-  text encoder encodes them with its EMA params, as sampling the checkpoint will."""
-  if not loop.preview_every or not loop.preview_prompts or loop.lowres_resolution:
-    return None
-  diffusion = step_settings.diffusion
-  prompts = list(loop.preview_prompts)
-  trainable_text = _trainable(text_encoder)
-  if trainable_text:
-    tokens, mask = text_encoder.tokenize(prompts)
-    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
-  else:
-    emb, mask = text_encoder.encode(prompts)
-    emb, mask = jnp.asarray(emb), jnp.asarray(mask)
-  grid = grids.uniform_time(diffusion.schedule, loop.preview_steps)
-  image_shape = (loop.resolution, loop.resolution, model.config.out_channels)
-
-  @jax.jit
-  def sample(params, text_params, key):
-    null = null_cond
-    if trainable_text:
-      text_emb = text_encoder.apply(text_params, tokens, mask)
-      null = {"text_emb": text_encoder.apply(text_params, null_cond["text_tokens"][None],
-                                             null_cond["text_mask"][None])[0],
-              "text_mask": null_cond["text_mask"]}
-    else:
-      text_emb = emb
-    return cascade.sample_stage(
-        model, params, text_emb, mask, null, key, grid,
-        image_shape=image_shape, parameterization=diffusion.parameterization,
-        sampler="ddim", guidance_scale=loop.preview_guidance_scale)
-
-  def preview(state, step, writer, workdir):
-    out = sample(state.ema_params, state.text_ema_params, jax.random.key(loop.seed))
-    if not out.is_fully_addressable:  # sharded over several processes: every one runs this
-      from jax.experimental import multihost_utils
-      out = multihost_utils.process_allgather(out, tiled=True)
-    grid_image = images.make_grid(np.asarray(jax.device_get(out)), prompts, columns=4,
-                                  scale=2)
-    if jax.process_index() == 0:
-      images.save_png(grid_image, epath.Path(workdir) / "previews" / f"step_{step}.png")
-      writer.write_image(step, "preview", grid_image)
-
-  return preview
-
+def _close(checkpointer: ckpt_lib.Checkpointer, writer, quietly: bool) -> None:
+  """Waits for the checkpointer and closes it and the writer; ``quietly`` (another error
+  is on its way out) swallows their own errors so that one is what the user sees."""
+  try:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  except Exception:  # noqa: BLE001
+    if not quietly:
+      raise
