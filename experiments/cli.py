@@ -18,6 +18,9 @@ import sys
 
 # tests/cli_helpers.py: one_error_line checks for it.
 USER_ERROR_EXIT_CODE = 2
+# A SIGTERM (preemption) stop after its checkpoint (training.loop.Preempted): distinct
+# from 0 (finished) and 2 (user error), so a retry wrapper knows to rerun.
+PREEMPTED_EXIT_CODE = 3
 
 
 class UserError(Exception):
@@ -96,7 +99,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run_main(main) -> None:
   """``app.run(main)`` with bad flags (``parse_flags``) and a ``UserError`` from ``main``
-  reported as one line, exit 2."""
+  reported as one line, exit 2; a training run stopped by SIGTERM exits 3."""
   from absl import app
 
   def guarded(argv):
@@ -104,6 +107,13 @@ def run_main(main) -> None:
       return main(argv)
     except UserError as e:
       exit_with_error(e)
+    except Exception as e:
+      # Only a script that trained can be preempted, so the loop module is loaded then.
+      loop = sys.modules.get("diffusion_jax.training.loop")
+      if loop is not None and isinstance(e, loop.Preempted):
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+      raise
 
   app.run(guarded, flags_parser=parse_flags)
 

@@ -26,9 +26,7 @@ import cli  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-# A SIGTERM (preemption) stop, after its checkpoint: distinct from 0 (finished) and 2
-# (user error), so a retry wrapper knows to rerun.
-PREEMPTED_EXIT_CODE = 3
+PREEMPTED_EXIT_CODE = cli.PREEMPTED_EXIT_CODE  # SIGTERM after its checkpoint: rerun
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -41,16 +39,7 @@ def main(argv):
   if FLAGS.verbosity == 0:  # orbax logs every save at INFO; keep the console readable
     logging.set_verbosity(logging.WARNING)
   builders.setup_compilation_cache()
-  from diffusion_jax.training import loop
-
-  try:
-    builders.run_training(FLAGS.config, FLAGS.workdir)
-  except builders.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except loop.Preempted as e:
-    print(f"preempted: {e}", file=sys.stderr)
-    sys.exit(PREEMPTED_EXIT_CODE)
+  builders.run_training(FLAGS.config, FLAGS.workdir)  # UserError / Preempted: cli.run_main
 
 
 if __name__ == "__main__":
