@@ -37,7 +37,8 @@ def _configs(name):
 def test_every_config_file_is_tested():
   # A new config file fails this until it is added here (or, if a paper config, to
   # unet.PAPER_PARAMS, which sizes the abstract train-state test below).
-  assert set(CONFIGS) == set(unet_lib.PAPER_PARAMS) | {"demo_base", "demo_sr"}
+  assert set(CONFIGS) == set(unet_lib.PAPER_PARAMS) | {"demo_base", "demo_sr"} | {
+      "autoencoder_shapes", "latent_shapes"}  # the latter two also in tests/test_latent.py
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffusion_jax import cascade, images, sharding
+from diffusion_jax import cascade, images, sharding, stage_kinds
 from diffusion_jax.diffusion import grids
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import metrics as metrics_lib
@@ -312,7 +312,8 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
           step_settings: StepSettings, optimizer: state_lib.OptimizerSettings,
           data_factory: Callable[[], Iterator[dict]], text_encoder: TextEncoderLike,
           config_json: dict | None = None, log: Callable[[str], None] = print,
-          on_step_end: Callable[[int], None] | None = None):
+          on_step_end: Callable[[int], None] | None = None,
+          stage_kind: stage_kinds.PixelKind | stage_kinds.LatentKind = stage_kinds.PIXEL):
   """Trains ``model`` in ``workdir`` (resuming if it holds checkpoints).
 
   ``text_encoder``: either a frozen encoder whose ``encode`` runs on the host, on this
@@ -321,6 +322,9 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
   ``trainable=True`` on the training mesh: its params then join the train state (updated
   and EMA'd with the U-Net's), the host only tokenizes and the encoder runs inside the
   loss. ``on_step_end(step)`` is called after each step's bookkeeping (tests use it).
+  ``stage_kind`` (``diffusion_jax.stage_kinds``) turns each global batch into what the
+  network consumes (pixels, or a frozen autoencoder's latents: then ``model`` and
+  ``loop.resolution`` are the latent's) and decodes previews.
 
   Returns (final TrainState, last summarised metrics).
   """
@@ -375,7 +379,7 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
       in_shardings=(state_shardings, batch_shardings,
                     jax.tree.map(lambda _: replicated, null_cond)),
       out_shardings=(state_shardings, None), donate_argnums=0)
-  preview = _make_preview(model, step_settings, loop, text_encoder, null_cond)
+  preview = _make_preview(model, step_settings, loop, text_encoder, null_cond, stage_kind)
 
   step = int(state.step)
   writer = metrics_lib.MetricWriter(workdir, total_steps=loop.num_steps, start_step=step)
@@ -385,8 +389,8 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
   with _Preemption() as preemption, sharding.sharding_context(mesh, loop.rules):
     try:
       while step < loop.num_steps:
-        batch = sharding.host_local_to_global(_model_batch(next(data), text_encoder), mesh,
-                                              loop.rules)
+        batch = stage_kind.encode_batch(sharding.host_local_to_global(
+            _model_batch(next(data), text_encoder), mesh, loop.rules))
         state, metrics = step_fn(state, batch, null_cond)
         accumulator.add(metrics)
         step += 1
@@ -439,7 +443,7 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
 
 
 def _make_preview(model, step_settings: StepSettings, loop: LoopSettings, text_encoder,
-                  null_cond):
+                  null_cond, stage_kind=stage_kinds.PIXEL):
   """A jitted EMA sampler for the preview prompts (base stages), or None. A trainable
   text encoder encodes them with its EMA params, as sampling the checkpoint will."""
   if not loop.preview_every or not loop.preview_prompts or loop.lowres_resolution:
@@ -469,10 +473,12 @@ def _make_preview(model, step_settings: StepSettings, loop: LoopSettings, text_e
     return cascade.sample_stage(
         model, params, text_emb, mask, null, key, grid,
         image_shape=image_shape, parameterization=diffusion.parameterization,
-        sampler="ddim", guidance_scale=loop.preview_guidance_scale)
+        sampler="ddim", guidance_scale=loop.preview_guidance_scale,
+        threshold=stage_kind.default_threshold)
 
   def preview(state, step, writer, workdir):
-    out = sample(state.ema_params, state.text_ema_params, jax.random.key(loop.seed))
+    out = stage_kind.decode(sample(state.ema_params, state.text_ema_params,
+                                   jax.random.key(loop.seed)))
     if not out.is_fully_addressable:  # sharded over several processes: every one runs this
       from jax.experimental import multihost_utils
       out = multihost_utils.process_allgather(out, tiled=True)
