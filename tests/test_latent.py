@@ -107,6 +107,7 @@ def latent_workdir(trained_autoencoder, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # two U-Net steps, a preview and a sample.py run: ~1 min idle
 def test_latent_stage_trains_and_samples_through_sample_py(latent_workdir, tmp_path):
   preview = Image.open(latent_workdir / "previews" / "step_2.png")  # decoded, not latents
   assert preview.mode == "RGB"
