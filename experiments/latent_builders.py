@@ -87,6 +87,11 @@ def latent_unet_config(config: ml_collections.ConfigDict, unet_cfg, ae_cfg: ae.A
                              out_channels=ae_cfg.latent_channels, resolution=latent_res)
 
 
+def _directory(config: ml_collections.ConfigDict) -> str | None:
+  """config.autoencoder.directory (None in workdirs written before latent stages existed)."""
+  return (config.get("autoencoder") or {}).get("directory")
+
+
 def _autoencoder_config_of(directory: str) -> ae.AutoencoderConfig:
   """The AutoencoderConfig in ``directory``, checking its weights exist (nothing is read)."""
   import pathlib
@@ -109,7 +114,7 @@ def _autoencoder_config_of(directory: str) -> ae.AutoencoderConfig:
 def stage_unet_config(config: ml_collections.ConfigDict, unet_cfg):
   """``unet_cfg`` as this stage's kind needs it: unchanged for pixel stages, the latent's
   channels and size for latent stages (checked to chain; no weights read)."""
-  directory = config.autoencoder.get("directory")
+  directory = _directory(config)
   if not directory:
     return unet_cfg
   return latent_unet_config(config, unet_cfg, _autoencoder_config_of(directory))
@@ -117,7 +122,7 @@ def stage_unet_config(config: ml_collections.ConfigDict, unet_cfg):
 
 def spec_defaults(config: ml_collections.ConfigDict) -> dict:
   """Sampling defaults of the stage's kind (flags override them)."""
-  if not config.autoencoder.get("directory"):
+  if not _directory(config):
     return {}
   from diffusion_jax import stage_kinds
   return {"threshold": stage_kinds.LatentKind.default_threshold}
@@ -130,7 +135,7 @@ def stage_kind(config: ml_collections.ConfigDict, mesh=None, rules=None):
 
   from diffusion_jax import stage_kinds
 
-  directory = config.autoencoder.get("directory")
+  directory = _directory(config)
   if not directory:
     return stage_kinds.PIXEL
   _autoencoder_config_of(directory)

@@ -165,3 +165,12 @@ def test_sizes_that_do_not_chain_are_one_line(trained_autoencoder, resolution, p
     latent_builders.stage_unet_config(config, unet_cfg)
   assert "\n" not in str(error.value)
 
+
+
+def test_workdirs_from_before_latent_stages_are_pixel_stages():
+  import ml_collections
+  old = ml_collections.ConfigDict({"model": {"preset": "demo_base"}})  # no autoencoder
+  assert latent_builders.stage_unet_config(old, unet_lib.PRESETS["demo_base"]) is (
+      unet_lib.PRESETS["demo_base"])
+  assert latent_builders.stage_kind(old) is stage_kinds.PIXEL
+  assert latent_builders.spec_defaults(old) == {}
