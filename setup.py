@@ -34,6 +34,9 @@ EXTRAS_REQUIRE = {
         # Only as a numerical reference in tests (T5 parity). 2.13.0 is the CPU wheel
         # available locally; a looser pin would pull a multi-GB CUDA build.
         "torch==2.13.0",
+        # Test-only reference for the Flax AutoencoderKL (VAE parity with diffusers' PyTorch
+        # model, tests/test_autoencoder.py); never imported by the library.
+        "diffusers==0.42.1",
     ],
 }
 

@@ -119,6 +119,22 @@ def get_config() -> ml_collections.ConfigDict:
   # read from text.cache_dir, which a trainable encoder cannot use.
   c.text.trainable = False
 
+  # Latent diffusion (Rombach et al. 2022). directory set: this stage diffuses in the latent
+  # space of that frozen diffusers AutoencoderKL directory (e.g. <ae workdir>/autoencoder
+  # from experiments/train_autoencoder.py, or an SD VAE's vae/), data.resolution is the
+  # pixel size and sampling decodes. The other fields configure training an autoencoder
+  # (experiments/train_autoencoder.py, configs/autoencoder_shapes.py).
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.directory = config_dict.placeholder(str)
+  c.autoencoder.block_out_channels = (32, 64, 64)   # f = 2 ** (levels - 1): 4
+  c.autoencoder.layers_per_block = 1
+  c.autoencoder.latent_channels = 4
+  c.autoencoder.norm_num_groups = 16
+  c.autoencoder.l1_weight = 1.0         # reconstruction: per-pixel mean |x - x'|
+  c.autoencoder.l2_weight = 0.0         # and mean (x - x')^2
+  c.autoencoder.kl_weight = 1e-6        # KL summed over latents / pixel values (LDM's ratio)
+  c.autoencoder.scale_batches = 8       # batches the latent scale factor / PSNR are taken on
+
   # Multi-host (GPU clusters; TPU VMs detect everything themselves).
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = config_dict.placeholder(str)
@@ -140,7 +156,7 @@ MAY_CHANGE_ON_RESUME = (
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
     "optimizer.final_lr_fraction",
     "model.remat",
-    "data.data_dir", "data.prepare", "text.cache_dir",
+    "data.data_dir", "data.source_dir", "data.prepare", "text.cache_dir",
     "mesh.*", "distributed.*",
 )
 # Dict-valued fields with free-form keys, compared as one value on resume.

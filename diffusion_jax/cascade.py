@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import stage_kinds
 from diffusion_jax.diffusion import grids, guidance, guidance_schedules, samplers, schedules
 from diffusion_jax.models import unet as unet_lib
 
@@ -236,9 +237,14 @@ def chain_error(previous_resolution: int, resolution: int, trained_lowres: int |
 
 @dataclasses.dataclass
 class Stage:
+  """A U-Net, its params, its sampling spec and its kind (``diffusion_jax.stage_kinds``:
+  pixels, or a frozen autoencoder's latents, decoded after sampling). ``spec.resolution``
+  is the stage's output size in pixels whatever the kind."""
+
   model: unet_lib.UNet
   params: Any
   spec: StageSpec
+  kind: Any = stage_kinds.PIXEL
 
   @property
   def super_resolution(self) -> bool:
@@ -273,7 +279,7 @@ class Cascade:
     if index not in self._compiled:
       stage = self.stages[index]
       spec = stage.spec
-      image_shape = (spec.resolution, spec.resolution, stage.model.config.out_channels)
+      image_shape = stage.kind.sample_shape(spec.resolution, stage.model.config.out_channels)
       lowres_schedule = (schedules.get(spec.lowres_schedule,
                                        **dict(spec.lowres_schedule_kwargs))
                          if spec.lowres_schedule else None)
@@ -320,7 +326,8 @@ class Cascade:
                  f"{stage.spec.guidance_scale}")
       clip_text = (self.clip_guide.encode(prompts) if index == 0 and self.clip_guide
                    else None)
-      images = self._stage_fn(index)(stage.params, emb, mask, null, keys, lowres, clip_text)
+      images = stage.kind.decode(self._stage_fn(index)(stage.params, emb, mask, null, keys,
+                                                       lowres, clip_text))
       lowres = images
       outputs.append(np.asarray(jax.device_get(images)))
     return outputs
@@ -353,7 +360,7 @@ def export_stage(stage: Stage, directory: str | pathlib.Path, text_encoder: dict
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory / "params", stage.params, force=True)
   meta = {"unet": unet_config_to_json(stage.model.config), "spec": stage.spec.to_json(),
-          "text_encoder": text_encoder}
+          "text_encoder": text_encoder, "kind": stage.kind.to_json()}
   (directory / "stage.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -370,7 +377,11 @@ def load_exported_stage(directory: str | pathlib.Path) -> tuple[Stage, dict]:
   model = unet_lib.UNet(unet_config_from_json(meta["unet"]))
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(directory / "params")
-  return Stage(model, params, StageSpec.from_json(meta["spec"])), meta["text_encoder"]
+  try:
+    kind = stage_kinds.from_json(meta.get("kind"))
+  except (FileNotFoundError, ValueError) as e:
+    raise FileNotFoundError(f"{meta_path}: its stage kind cannot be loaded: {e}") from None
+  return Stage(model, params, StageSpec.from_json(meta["spec"]), kind), meta["text_encoder"]
 
 
 def replace_spec(stage: Stage, **changes) -> Stage:

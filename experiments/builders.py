@@ -351,6 +351,9 @@ def _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop):
   if loop.batch_size % mesh.shape["data"]:
     raise ConfigError(f"config.train.batch_size={loop.batch_size} must divide by the "
                       f"mesh's data axis ({mesh.shape['data']} devices).")
+  import latent_builders  # the stage kind: pixels, or a frozen autoencoder's latents
+  kind, model_cfg, loop = latent_builders.for_training(config, model_cfg, loop, mesh,
+                                                       loop.rules)
   trainable = bool(config.text.trainable)
   encoder = text_encoder(config, mesh if trainable else process_local_mesh(config))
   dataset = dataset_name(config)  # once: for shapes, a prepare round-trip between processes
@@ -368,7 +371,8 @@ def _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop):
     return loop_lib.train(
         workdir, model=unet_lib.UNet(model_cfg), loop=loop, step_settings=steps,
         optimizer=optimizer, data_factory=factory, text_encoder=encoder,
-        config_json=config.to_dict(), resume_rules=resume_rules())
+        config_json=config.to_dict(), resume_rules=resume_rules(),
+        stage_kind=kind)
   except (loop_lib.NonFiniteError, loop_lib.DataRestartError, loop_lib.WorkdirWriteError,
           resume.IncompatibleResumeError, checkpoint.CheckpointError) as e:
     raise UserError(str(e)) from None

@@ -93,9 +93,11 @@ def workdir_stage_spec(workdir: str, config: ml_collections.ConfigDict,
   Imagen's 1024 px stage) is applied fully convolutionally instead, at
   ``previous_resolution`` times its trained scale factor.
   """
+  import latent_builders  # a latent stage's U-Net works on its autoencoder's latents
+
   from diffusion_jax import cascade
 
-  model_cfg = builders.unet_config(config)
+  model_cfg = latent_builders.stage_unet_config(config, builders.unet_config(config))
   d = config.diffusion
   resolution = config.data.resolution
   crops = model_cfg.super_resolution and config.data.get("crop", "center") == "random"
@@ -119,7 +121,8 @@ def workdir_stage_spec(workdir: str, config: ml_collections.ConfigDict,
       lowres_schedule=d.lowres_schedule, trained_on_crops=crops,
       lowres_schedule_kwargs=tuple(sorted(
           builders.schedule_arguments(d, "lowres_schedule").items()))
-      if d.lowres_schedule is not None else ())
+      if d.lowres_schedule is not None else (),
+      **latent_builders.spec_defaults(config))
   spec_kwargs.update({k: v for k, v in spec_overrides.items() if v is not None})
   return model_cfg, builders.checked(f"sampling settings of {workdir}", cascade.StageSpec,
                           **spec_kwargs)
@@ -143,7 +146,9 @@ def training_stage(workdir: str, config: ml_collections.ConfigDict,
         step=step)
   except (FileNotFoundError, ValueError) as e:
     raise _restore_error(e, step) from None
-  return cascade.Stage(model, params, spec), step
+  import latent_builders
+
+  return cascade.Stage(model, params, spec, latent_builders.stage_kind(config)), step
 
 
 def _stage_sources(workdirs, exported) -> list:

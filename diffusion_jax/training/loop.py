@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffusion_jax import sharding
+from diffusion_jax import sharding, stage_kinds
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import metrics as metrics_lib
 from diffusion_jax.training import preview as preview_lib
@@ -341,7 +341,8 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
           config_json: dict | None = None,
           resume_rules: resume_lib.ResumeRules | None = None,
           log: Callable[[str], None] = print,
-          on_step_end: Callable[[int], None] | None = None):
+          on_step_end: Callable[[int], None] | None = None,
+          stage_kind: stage_kinds.PixelKind | stage_kinds.LatentKind = stage_kinds.PIXEL):
   """Trains ``model`` in ``workdir`` (resuming if it holds checkpoints).
 
   ``text_encoder``: either a frozen encoder whose ``encode`` runs on the host, on this
@@ -350,6 +351,9 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
   ``trainable=True`` on the training mesh: its params then join the train state (updated
   and EMA'd with the U-Net's), the host only tokenizes and the encoder runs inside the
   loss. ``on_step_end(step)`` is called after each step's bookkeeping (tests use it).
+  ``stage_kind`` (``diffusion_jax.stage_kinds``) turns each global batch into what the
+  network consumes (pixels, or a frozen autoencoder's latents: then ``model`` and
+  ``loop.resolution`` are the latent's) and decodes previews.
 
   ``config_json`` is stored with every checkpoint and, once the run is accepted, as
   ``workdir/config.json``; a resume whose config differs from the checkpoint's beyond
@@ -363,11 +367,12 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
     return _train(workdir, model=model, loop=loop, step_settings=step_settings,
                   optimizer=optimizer, data_factory=data_factory, text_encoder=text_encoder,
                   config_json=config_json, resume_rules=resume_rules or resume_lib.ResumeRules(),
-                  log=log, on_step_end=on_step_end)
+                  log=log, on_step_end=on_step_end, stage_kind=stage_kind)
 
 
 def _train(workdir: epath.Path, *, model, loop: LoopSettings, step_settings, optimizer,
-           data_factory, text_encoder, config_json, resume_rules, log, on_step_end):
+           data_factory, text_encoder, config_json, resume_rules, log, on_step_end,
+           stage_kind):
   mesh = sharding.make_mesh(dict(loop.mesh_axes))
   tx = state_lib.make_optimizer(optimizer)
   trainable_text = _trainable(text_encoder)
@@ -426,7 +431,8 @@ def _train(workdir: epath.Path, *, model, loop: LoopSettings, step_settings, opt
       in_shardings=(state_shardings, batch_shardings,
                     jax.tree.map(lambda _: replicated, null_cond)),
       out_shardings=(state_shardings, None), donate_argnums=0)
-  preview = preview_lib.make_preview(model, step_settings, loop, text_encoder, null_cond)
+  preview = preview_lib.make_preview(model, step_settings, loop, text_encoder, null_cond,
+                                     stage_kind)
 
   step = int(state.step)
   writer = metrics_lib.MetricWriter(workdir, total_steps=loop.num_steps, start_step=step)
@@ -436,8 +442,8 @@ def _train(workdir: epath.Path, *, model, loop: LoopSettings, step_settings, opt
   with _Preemption() as preemption, sharding.sharding_context(mesh, loop.rules):
     try:
       while step < loop.num_steps:
-        batch = sharding.host_local_to_global(_model_batch(next(data), text_encoder), mesh,
-                                              loop.rules)
+        batch = stage_kind.encode_batch(sharding.host_local_to_global(
+            _model_batch(next(data), text_encoder), mesh, loop.rules))
         state, metrics = step_fn(state, batch, null_cond)
         accumulator.add(metrics)
         step += 1

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffusion_jax import cascade, images
+from diffusion_jax import cascade, images, stage_kinds
 from diffusion_jax.diffusion import grids
 from diffusion_jax.training.step import StepSettings
 
@@ -16,10 +16,11 @@ def _trainable(text_encoder) -> bool:
   return bool(getattr(text_encoder, "trainable", False))
 
 
-def make_preview(model, step_settings: StepSettings, loop, text_encoder, null_cond):
+def make_preview(model, step_settings: StepSettings, loop, text_encoder, null_cond,
+                 stage_kind=stage_kinds.PIXEL):
   """A jitted EMA sampler for the preview prompts (base stages) of ``loop`` (a
-  loop.LoopSettings), or None. A trainable
-  text encoder encodes them with its EMA params, as sampling the checkpoint will."""
+  loop.LoopSettings), or None. A trainable text encoder encodes them with its EMA params,
+  as sampling the checkpoint will; ``stage_kind`` decodes the samples (latent stages)."""
   if not loop.preview_every or not loop.preview_prompts or loop.lowres_resolution:
     return None
   diffusion = step_settings.diffusion
@@ -47,10 +48,12 @@ def make_preview(model, step_settings: StepSettings, loop, text_encoder, null_co
     return cascade.sample_stage(
         model, params, text_emb, mask, null, key, grid,
         image_shape=image_shape, parameterization=diffusion.parameterization,
-        sampler="ddim", guidance_scale=loop.preview_guidance_scale)
+        sampler="ddim", guidance_scale=loop.preview_guidance_scale,
+        threshold=stage_kind.default_threshold)
 
   def preview(state, step, writer, workdir):
-    out = sample(state.ema_params, state.text_ema_params, jax.random.key(loop.seed))
+    out = stage_kind.decode(sample(state.ema_params, state.text_ema_params,
+                                   jax.random.key(loop.seed)))
     if not out.is_fully_addressable:  # sharded over several processes: every one runs this
       from jax.experimental import multihost_utils
       out = multihost_utils.process_allgather(out, tiled=True)
