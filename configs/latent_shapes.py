@@ -21,8 +21,8 @@ def get_config(arg=None):
   c.autoencoder.directory = "runs/ae_shapes/autoencoder"
   c.model.preset = "demo_base"
   # The schedule sees the 16 px latent, not the 64 px image: no resolution shift.
-  c.diffusion.schedule_kwargs.resolution = 16
-  c.diffusion.schedule_kwargs.base_resolution = 16
+  c.diffusion.schedule_kwargs.shifted_cosine.resolution = 16
+  c.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 16
   c.data.resolution = 64
   c.data.shapes_num_train = 20_000
   c.data.shapes_max_objects = 1

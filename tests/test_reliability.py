@@ -33,9 +33,10 @@ from diffusion_jax.training import resume as resume_lib  # noqa: E402
 from diffusion_jax.training import workdir_lock  # noqa: E402
 
 # A demo_base stage at 8 px with the offline T5: the same fields through train.py flags.
-OVERRIDES = {"data.resolution": 8, "diffusion.schedule_kwargs.resolution": 8,
-             "diffusion.schedule_kwargs.base_resolution": 8, "text.encoder": "t5-offline",
-             "text.max_length": 32, "train.batch_size": 4, "train.num_steps": 2,
+OVERRIDES = {"data.resolution": 8, "diffusion.schedule_kwargs.shifted_cosine.resolution": 8,
+             "diffusion.schedule_kwargs.shifted_cosine.base_resolution": 8,
+             "text.encoder": "t5-offline", "text.max_length": 32, "train.batch_size": 4,
+             "train.num_steps": 2,
              "train.checkpoint_every": 1, "train.preview_every": 0}
 
 
