@@ -32,16 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import grids, guidance, samplers, schedules
+from diffusion_jax.diffusion import preconditioning as preconditioning_lib
 from diffusion_jax.models import unet as unet_lib
 
 
-def stage_model_fn(model: nn.Module, params: Any):
+def stage_model_fn(model: nn.Module, params: Any, preconditioning=None):
   """(x_t, logsnr, cond) -> prediction for a U-Net; cond has text_emb, text_mask and
-  optionally lowres, lowres_logsnr."""
+  optionally lowres, lowres_logsnr. ``preconditioning`` (an ``EDMPreconditioning``, as the
+  stage trained with) wraps the U-Net; the prediction is then the denoised image."""
   def cond_model_fn(x_t, logsnr, cond):
     return model.apply({"params": params}, x_t, logsnr, cond["text_emb"], cond["text_mask"],
                        lowres=cond.get("lowres"), lowres_logsnr=cond.get("lowres_logsnr"))
-  return cond_model_fn
+  return cond_model_fn if preconditioning is None else preconditioning.wrap(cond_model_fn)
 
 
 def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
@@ -50,12 +52,13 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
                  parameterization: str, sampler: str = "ddim", guidance_scale: float = 1.0,
                  threshold: str = "dynamic", percentile: float = 0.995,
                  lowres: jnp.ndarray | None = None, lowres_logsnr: jnp.ndarray | None = None,
-                 sampler_options: dict | None = None) -> jnp.ndarray:
+                 sampler_options: dict | None = None, preconditioning=None) -> jnp.ndarray:
   """Samples images [B, H, W, C] for text embeddings [B, L, D] (jit-able).
 
   ``null_cond``: {"text_emb": [L, D], "text_mask": [L]} (the encoded empty prompt).
   ``key``: one key for the batch (image i from fold_in(key, i)) or one per image [B].
   ``guidance_scale`` 1 runs the conditional model alone (one network call per step).
+  ``preconditioning``: the stage's EDM wrapper, or None (``stage_model_fn``).
   """
   batch = text_emb.shape[0]
   cond = {"text_emb": text_emb, "text_mask": text_mask}
@@ -63,7 +66,7 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
   if lowres is not None:
     cond.update(lowres=lowres, lowres_logsnr=lowres_logsnr)
     null.update(lowres=lowres, lowres_logsnr=lowres_logsnr)
-  cond_model_fn = stage_model_fn(model, params)
+  cond_model_fn = stage_model_fn(model, params, preconditioning)
   if guidance_scale == 1.0:
     def model_fn(x_t, logsnr):
       return cond_model_fn(x_t, logsnr, cond)
@@ -85,6 +88,9 @@ class StageSpec:
   fully convolutionally, so it takes a low-res input of any size and only its scale
   factor must chain; every other stage must get exactly the low-res size it was trained
   on (``chain_error``).
+
+  ``preconditioning`` / ``sigma_data``: the wrapper the stage trained inside ("edm" with
+  the config's sigma_data, or "none"); sampling must use the same one.
   """
 
   resolution: int
@@ -100,8 +106,11 @@ class StageSpec:
   aug_level: float = 0.0
   sampler_options: tuple[tuple[str, Any], ...] = ()
   trained_on_crops: bool = False
+  preconditioning: str = "none"
+  sigma_data: float = 0.5
 
   def __post_init__(self):
+    preconditioning_lib.check_parameterization(self.preconditioner(), self.parameterization)
     samplers.get(self.sampler)
     schedules.get(self.schedule, **dict(self.schedule_kwargs))
     guidance.thresholded(lambda x, s: x, self.parameterization, self.threshold,
@@ -110,6 +119,9 @@ class StageSpec:
       raise ValueError(f"num_steps must be >= 1, got {self.num_steps}.")
     if not 0.0 <= self.aug_level <= 1.0:
       raise ValueError(f"aug_level must lie in [0, 1], got {self.aug_level}.")
+
+  def preconditioner(self):
+    return preconditioning_lib.get(self.preconditioning, self.sigma_data)
 
   def grid(self) -> np.ndarray:
     return grids.uniform_time(schedules.get(self.schedule, **dict(self.schedule_kwargs)),
@@ -212,7 +224,8 @@ class Cascade:
             image_shape=image_shape, parameterization=spec.parameterization,
             sampler=spec.sampler, guidance_scale=spec.guidance_scale,
             threshold=spec.threshold, percentile=spec.percentile,
-            sampler_options=dict(spec.sampler_options), **extra)
+            sampler_options=dict(spec.sampler_options),
+            preconditioning=spec.preconditioner(), **extra)
 
       self._compiled[index] = jax.jit(run)
     return self._compiled[index]

@@ -98,7 +98,11 @@ def workdir_stage_spec(workdir: str, config: ml_collections.ConfigDict,
   spec_kwargs = dict(resolution=resolution, parameterization=d.parameterization,
                      schedule=d.schedule,
                      schedule_kwargs=tuple(sorted(d.schedule_kwargs.to_dict().items())),
-                     lowres_schedule=d.lowres_schedule, trained_on_crops=crops)
+                     lowres_schedule=d.lowres_schedule, trained_on_crops=crops,
+                     # EDM-trained stages sample inside the same wrapper (older configs
+                     # have no such field: no preconditioning).
+                     preconditioning=d.get("preconditioning", "none"),
+                     sigma_data=d.get("sigma_data", 0.5))
   spec_kwargs.update({k: v for k, v in spec_overrides.items() if v is not None})
   return model_cfg, builders.checked(f"sampling settings of {workdir}", cascade.StageSpec,
                           **spec_kwargs)

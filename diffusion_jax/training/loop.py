@@ -469,7 +469,8 @@ def _make_preview(model, step_settings: StepSettings, loop: LoopSettings, text_e
     return cascade.sample_stage(
         model, params, text_emb, mask, null, key, grid,
         image_shape=image_shape, parameterization=diffusion.parameterization,
-        sampler="ddim", guidance_scale=loop.preview_guidance_scale)
+        sampler="ddim", guidance_scale=loop.preview_guidance_scale,
+        preconditioning=diffusion.preconditioning)
 
   def preview(state, step, writer, workdir):
     out = sample(state.ema_params, state.text_ema_params, jax.random.key(loop.seed))
