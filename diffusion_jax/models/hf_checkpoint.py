@@ -85,8 +85,15 @@ _MISSING_FILES = (f"{CONFIG_NAME}, {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME} and i
                   "the tokenizer files (tokenizer.json or spiece.model)")
 
 
-def _hub_reachable(endpoint: str, timeout: float) -> bool:
-  """Whether a TCP connection to ``endpoint`` (or its proxy) opens within ``timeout`` s.
+def _error_text(error: BaseException) -> str:
+  """``Type: first line of the message``, for one-line reports of a caught exception."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _hub_unreachable_reason(endpoint: str, timeout: float) -> str | None:
+  """None if a TCP connection to ``endpoint`` (or its proxy) opens within ``timeout`` s,
+  else why not (the connection error, or that nothing answered in time).
 
   Name resolution has no timeout of its own, so the attempt runs in a daemon thread that is
   abandoned after ``timeout``.
@@ -97,19 +104,21 @@ def _hub_reachable(endpoint: str, timeout: float) -> bool:
   if proxy and not urllib.request.proxy_bypass(host):
     proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     host, port = proxy_url.hostname, proxy_url.port or 80
-  connected = []
+  outcome = []
 
   def connect():
     try:
       socket.create_connection((host, port), timeout=timeout).close()
-      connected.append(True)
-    except OSError:
-      pass
+      outcome.append(None)
+    except OSError as e:  # refused, unresolvable, timed out: the reason is reported
+      outcome.append(f"connecting to {host}:{port} failed ({_error_text(e)})")
 
   thread = threading.Thread(target=connect, daemon=True)
   thread.start()
   thread.join(timeout)
-  return bool(connected)
+  if not outcome:
+    return f"the hub ({endpoint}) did not answer within {timeout:g} s (offline?)"
+  return None if outcome[0] is None else f"the hub ({endpoint}) is unreachable: {outcome[0]}"
 
 
 def _local_path_reason(text: str) -> str | None:
@@ -140,30 +149,39 @@ def resolve_directory(path_or_id: str | os.PathLike) -> pathlib.Path:
     raise NotADirectoryError(f"{text} is a file; expected a Hugging Face model directory "
                              f"(with {CONFIG_NAME} and {WEIGHTS_NAME}).")
   import huggingface_hub  # Deferred: only hub ids need it.
-  from huggingface_hub import constants
+  from huggingface_hub import constants, errors
   patterns = ["*.json", "*.safetensors", "spiece.model", "vocab.txt"]
+  invalid_id = None
   if _HUB_ID.match(text):
     try:  # A cached hub id wins even if it also looks like a path.
       return pathlib.Path(huggingface_hub.snapshot_download(
           text, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # Not cached.
-      pass
+    except errors.LocalEntryNotFoundError:
+      pass  # not cached: look for a local path, then the hub
+    except errors.HFValidationError as e:  # e.g. "a..b": not a hub id
+      invalid_id = _error_text(e)
+    except Exception as e:  # an unreadable or corrupt cache entry, say
+      raise ValueError(f"Looking up text encoder {text!r} in the Hugging Face cache "
+                       f"({constants.HF_HUB_CACHE}) failed: {_error_text(e)}. Fix or delete "
+                       "that cache entry, or pass a local model directory.") from e
   local_reason = _local_path_reason(text)
   if local_reason is not None:
     raise FileNotFoundError(
         f"Text encoder directory {path.resolve()} does not exist ({text!r}: {local_reason}). "
         f"Missing there: {_MISSING_FILES}. Pass an existing Hugging Face model directory "
         f"(relative paths start from {pathlib.Path.cwd()}).")
-  if constants.HF_HUB_OFFLINE:
+  if invalid_id is not None:
+    reason = f"it is not a valid hub id ({invalid_id})"
+  elif constants.HF_HUB_OFFLINE:
     reason = "HF_HUB_OFFLINE is set"
-  elif not _hub_reachable(constants.ENDPOINT, HUB_PROBE_TIMEOUT_S):
-    reason = (f"the hub ({constants.ENDPOINT}) did not answer within {HUB_PROBE_TIMEOUT_S:g} s "
-              "(offline?)")
+  elif (unreachable := _hub_unreachable_reason(constants.ENDPOINT,
+                                               HUB_PROBE_TIMEOUT_S)) is not None:
+    reason = unreachable
   else:
     try:
       return pathlib.Path(huggingface_hub.snapshot_download(text, allow_patterns=patterns))
-    except Exception as e:  # Unknown or gated repo, network failure...
-      reason = f"downloading it failed ({type(e).__name__})"
+    except Exception as e:  # Unknown or gated repo, network failure...: all reported
+      reason = f"downloading it from {constants.ENDPOINT} failed ({_error_text(e)})"
   raise FileNotFoundError(
       f"Text encoder {text!r} is neither a local directory ({path.resolve()}) nor in the "
       f"Hugging Face cache ({constants.HF_HUB_CACHE}), and {reason}. Missing: "
