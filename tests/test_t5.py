@@ -206,7 +206,8 @@ def _forbid_the_hub(monkeypatch):
                                   "runs/a/t5", "/no/such/t5"])
 def test_local_looking_missing_paths_fail_without_the_hub(name, tmp_path, monkeypatch):
   _forbid_the_hub(monkeypatch)
-  monkeypatch.setattr(hf_checkpoint, "_hub_unreachable_reason", lambda *a: pytest.fail("probed the hub"))
+  monkeypatch.setattr(hf_checkpoint, "_hub_unreachable_reason",
+                      lambda *a: pytest.fail("probed the hub"))
   monkeypatch.chdir(tmp_path)
   (tmp_path / "models").mkdir()  # so "models/t5-small" is a relative path, not "org/name"
   where = pathlib.Path(name).expanduser().resolve()
@@ -245,9 +246,8 @@ def test_unreachable_hub_fails_fast(monkeypatch):
 def test_hub_failures_say_what_failed(tmp_path, monkeypatch):
   """Every failure of the hub path names its exception and message, none is swallowed."""
   import huggingface_hub
-  from huggingface_hub import constants, errors
-
   import local_cluster
+  from huggingface_hub import constants, errors
 
   # A refused connection is reported as such, not as "did not answer".
   port = local_cluster.free_port()
@@ -291,7 +291,8 @@ def test_cached_hub_id_wins_over_a_local_lookalike(tmp_path, monkeypatch):
   (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
   monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
   monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-  monkeypatch.setattr(hf_checkpoint, "_hub_unreachable_reason", lambda *a: pytest.fail("probed the hub"))
+  monkeypatch.setattr(hf_checkpoint, "_hub_unreachable_reason",
+                      lambda *a: pytest.fail("probed the hub"))
   monkeypatch.chdir(tmp_path)
   (tmp_path / "tiny").mkdir()
   assert hf_checkpoint.resolve_directory("tiny/t5-test") == snapshot
