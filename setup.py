@@ -14,12 +14,14 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "ml_collections==1.1.0",
     "tensorflow-datasets==4.9.10",
+    # Imported by tensorflow_datasets (core/dataset_builder.py) without declaring it.
     "importlib_resources==7.1.0",
     "pillow==13.0.0",
     "grain==0.2.18",
     "transformers==5.23.0",
-    "safetensors==0.8.0",
+    "safetensors==0.8.0",              # models/hf_checkpoint.py reads checkpoints with it
     "tensorboardX==2.6.5",
+    # Not imported: caption grids draw with the DejaVu Sans font it ships (images.py).
     "matplotlib==3.11.2",
     "absl-py==2.5.1",
     "numpy==2.4.6",

@@ -46,6 +46,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.lowres_aug_max_t = 1.0
   # lowres_schedule's arguments, one sub-dict per schedule, as schedule_kwargs.
   c.diffusion.lowres_schedule_kwargs = schedule_kwargs()
+  # EDM (Karras et al. 2022; diffusion_jax.diffusion.preconditioning / noise_levels). The
+  # paper's training is preconditioning="edm", parameterization="x0", weighting="edm",
+  # noise_sampling="edm_lognormal" (sigma_data above is its sigma_data).
+  c.diffusion.preconditioning = "none"      # none | edm (c_skip/c_out/c_in around the U-Net)
+  c.diffusion.noise_sampling = "schedule"   # schedule (t ~ U[0,1]) | edm_lognormal
+  c.diffusion.p_mean = -1.2                 # edm_lognormal: ln(sigma) ~ N(p_mean, p_std^2)
+  c.diffusion.p_std = 1.2
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-4

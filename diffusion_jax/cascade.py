@@ -33,16 +33,18 @@ import numpy as np
 
 from diffusion_jax import stage_kinds
 from diffusion_jax.diffusion import grids, guidance, guidance_schedules, samplers, schedules
+from diffusion_jax.diffusion import preconditioning as preconditioning_lib
 from diffusion_jax.models import unet as unet_lib
 
 
-def stage_model_fn(model: nn.Module, params: Any):
+def stage_model_fn(model: nn.Module, params: Any, preconditioning=None):
   """(x_t, logsnr, cond) -> prediction for a U-Net; cond has text_emb, text_mask and
-  optionally lowres, lowres_logsnr."""
+  optionally lowres, lowres_logsnr. ``preconditioning`` (an ``EDMPreconditioning``, as the
+  stage trained with) wraps the U-Net; the prediction is then the denoised image."""
   def cond_model_fn(x_t, logsnr, cond):
     return model.apply({"params": params}, x_t, logsnr, cond["text_emb"], cond["text_mask"],
                        lowres=cond.get("lowres"), lowres_logsnr=cond.get("lowres_logsnr"))
-  return cond_model_fn
+  return cond_model_fn if preconditioning is None else preconditioning.wrap(cond_model_fn)
 
 
 def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
@@ -52,7 +54,8 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
                  guidance_scale: float | Callable = 1.0,
                  threshold: str = "dynamic", percentile: float = 0.995,
                  lowres: jnp.ndarray | None = None, lowres_logsnr: jnp.ndarray | None = None,
-                 sampler_options: dict | None = None, guide=None) -> jnp.ndarray:
+                 sampler_options: dict | None = None, guide=None,
+                 preconditioning=None) -> jnp.ndarray:
   """Samples images [B, H, W, C] for text embeddings [B, L, D] (jit-able).
 
   ``null_cond``: {"text_emb": [L, D], "text_mask": [L]} (the encoded empty prompt).
@@ -62,6 +65,7 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
   network call per step).
   ``guide``: optional ``model_fn -> model_fn`` applied after classifier-free guidance and
   before thresholding (e.g. ``diffusion.clip_guidance.clip_guided``).
+  ``preconditioning``: the stage's EDM wrapper, or None (``stage_model_fn``).
   """
   batch = text_emb.shape[0]
   cond = {"text_emb": text_emb, "text_mask": text_mask}
@@ -69,7 +73,7 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
   if lowres is not None:
     cond.update(lowres=lowres, lowres_logsnr=lowres_logsnr)
     null.update(lowres=lowres, lowres_logsnr=lowres_logsnr)
-  cond_model_fn = stage_model_fn(model, params)
+  cond_model_fn = stage_model_fn(model, params, preconditioning)
   if not callable(guidance_scale) and guidance_scale == 1.0:
     def model_fn(x_t, logsnr):
       return cond_model_fn(x_t, logsnr, cond)
@@ -131,6 +135,8 @@ class StageSpec:
   ``rho`` (karras only) choose the grid ``grid()`` builds. ``guidance_schedule``
   (guidance_schedules.NAMES) varies the guidance weight from ``guidance_min`` at pure
   noise to ``guidance_scale`` at clean data.
+  ``preconditioning`` / ``sigma_data``: the wrapper the stage trained inside ("edm" with
+  the config's sigma_data, or "none"); sampling must use the same one.
   """
 
   resolution: int
@@ -151,8 +157,11 @@ class StageSpec:
   guidance_schedule: str = "constant"
   guidance_min: float = 1.0
   lowres_schedule_kwargs: tuple[tuple[str, Any], ...] = ()
+  preconditioning: str = "none"
+  sigma_data: float = 0.5
 
   def __post_init__(self):
+    preconditioning_lib.check_parameterization(self.preconditioner(), self.parameterization)
     samplers.get(self.sampler)
     schedule = self.noise_schedule()
     if self.lowres_schedule is not None:
@@ -179,6 +188,9 @@ class StageSpec:
 
   def noise_schedule(self):
     return schedules.get(self.schedule, **dict(self.schedule_kwargs))
+
+  def preconditioner(self):
+    return preconditioning_lib.get(self.preconditioning, self.sigma_data)
 
   def grid(self) -> np.ndarray:
     """The log-SNR grid [num_steps + 1] the stage samples on (``grid_kind``)."""
@@ -302,7 +314,8 @@ class Cascade:
             image_shape=image_shape, parameterization=spec.parameterization,
             sampler=spec.sampler, guidance_scale=scale,
             threshold=spec.threshold, percentile=spec.percentile,
-            sampler_options=dict(spec.sampler_options), **extra)
+            sampler_options=dict(spec.sampler_options),
+            preconditioning=spec.preconditioner(), **extra)
 
       self._compiled[index] = jax.jit(run)
     return self._compiled[index]

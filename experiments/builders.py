@@ -16,7 +16,7 @@ from cli import UserError  # noqa: F401  (one UserError for every script; re-exp
 
 from diffusion_jax import sharding
 from diffusion_jax import text as text_lib
-from diffusion_jax.diffusion import schedules
+from diffusion_jax.diffusion import noise_levels, preconditioning, schedules
 from diffusion_jax.models import unet as unet_lib
 from diffusion_jax.training import loop as loop_lib
 from diffusion_jax.training import state as state_lib
@@ -89,11 +89,28 @@ def diffusion_settings(config: ml_collections.ConfigDict) -> step_lib.DiffusionS
   elif config.data.lowres_resolution is not None:
     raise ConfigError("A super-resolution stage needs config.diffusion.lowres_schedule "
                       "(e.g. 'shifted_cosine') for noise-conditioning augmentation.")
+  precond, noise_sampler = edm_settings(config, schedule)
   return checked("config.diffusion", step_lib.DiffusionSettings, schedule=schedule,
                parameterization=d.parameterization, weighting=d.weighting,
                min_snr_gamma=d.min_snr_gamma, sigma_data=d.sigma_data,
                cond_drop_prob=d.cond_drop_prob, lowres_schedule=lowres_schedule,
-               lowres_aug_max_t=d.lowres_aug_max_t)
+               lowres_aug_max_t=d.lowres_aug_max_t, noise_sampler=noise_sampler,
+               preconditioning=precond)
+
+
+def edm_settings(config: ml_collections.ConfigDict, schedule):
+  """(preconditioning or None, noise-level sampler) of config.diffusion."""
+  d = config.diffusion
+  precond = checked("config.diffusion.preconditioning", preconditioning.get,
+                    d.preconditioning, d.sigma_data)
+  if precond is not None and d.parameterization != "x0":
+    raise ConfigError(f"config.diffusion.preconditioning='edm' makes the model output the "
+                      f"denoised image, so it needs config.diffusion.parameterization='x0' "
+                      f"(not {d.parameterization!r}); the paper's loss also sets "
+                      "weighting='edm' and noise_sampling='edm_lognormal'.")
+  sampler = checked("config.diffusion.noise_sampling", noise_levels.get, d.noise_sampling,
+                    schedule, p_mean=d.p_mean, p_std=d.p_std)
+  return precond, sampler
 
 
 def step_settings(config: ml_collections.ConfigDict) -> step_lib.StepSettings:

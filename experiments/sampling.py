@@ -122,6 +122,9 @@ def workdir_stage_spec(workdir: str, config: ml_collections.ConfigDict,
       lowres_schedule_kwargs=tuple(sorted(
           builders.schedule_arguments(d, "lowres_schedule").items()))
       if d.lowres_schedule is not None else (),
+      # EDM-trained stages sample inside the same wrapper (older configs have no such
+      # field: no preconditioning).
+      preconditioning=d.get("preconditioning", "none"), sigma_data=d.get("sigma_data", 0.5),
       **latent_builders.spec_defaults(config))
   spec_kwargs.update({k: v for k, v in spec_overrides.items() if v is not None})
   return model_cfg, builders.checked(f"sampling settings of {workdir}", cascade.StageSpec,

@@ -67,9 +67,9 @@ def test_dynamic_thresholding_keeps_every_stage_x0_in_range(stages, monkeypatch)
 
   original_model_fn = cascade_lib.stage_model_fn
 
-  def large_model_fn(model, params):
+  def large_model_fn(model, params, preconditioning=None):
     # The network under guidance and thresholding, scaled to predict x0 of size ~10.
-    fn = original_model_fn(model, params)
+    fn = original_model_fn(model, params, preconditioning)
 
     def scaled(x_t, logsnr, cond):
       prediction = 20.0 * fn(x_t, logsnr, cond)

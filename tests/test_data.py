@@ -348,6 +348,7 @@ def test_prepare_once_orders_process_0_before_the_others():
 
 
 def test_outcome_of_process_0_travels_through_the_coordination_service(monkeypatch):
+  import jax
   from jax._src import distributed
 
   store = {}
@@ -358,8 +359,11 @@ def test_outcome_of_process_0_travels_through_the_coordination_service(monkeypat
       store[key] = value
 
     def blocking_key_value_get(self, key, timeout_in_ms):
-      if key not in store:
-        raise RuntimeError(f"DEADLINE_EXCEEDED after {timeout_in_ms} ms")
+      if key == "coordinator gone":  # what jax raises when the coordinator has exited
+        raise jax.errors.JaxRuntimeError("UNAVAILABLE: failed to connect to all addresses")
+      if key not in store:  # jax's message on a time-out
+        raise jax.errors.JaxRuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out with "
+                                         f"key: {key} and duration: {timeout_in_ms}ms")
       return store[key]
 
   monkeypatch.setattr(distributed.global_state, "client", Client())
@@ -371,6 +375,11 @@ def test_outcome_of_process_0_travels_through_the_coordination_service(monkeypat
   assert not share(True, is_source=False, key="b")
   with pytest.raises(TimeoutError, match="process 0 to prepare the dataset after 0.5 s"):
     share(True, is_source=False, key="never written")
+  # Another failure is not reported as a time-out, and its message names the exception.
+  with pytest.raises(RuntimeError, match="failed before the 0.5 s time-out: JaxRuntimeError: "
+                     "UNAVAILABLE: failed to connect") as info:
+    share(True, is_source=False, key="coordinator gone")
+  assert not isinstance(info.value, TimeoutError)
 
 
 _PREPARE_WORKER = textwrap.dedent("""

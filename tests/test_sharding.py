@@ -89,7 +89,17 @@ def test_two_processes_agree_on_a_sharded_forward(tmp_path):
       [[sys.executable, str(TESTS / "multihost_worker.py"), str(port), str(i), str(tmp_path)]
        for i in range(2)], env, timeout=400)
   outs = [np.load(tmp_path / f"out_{i}.npz") for i in range(2)]
-  np.testing.assert_array_equal(outs[0]["sharded"], outs[1]["sharded"])
-  assert outs[0]["sharded"].shape == (8, 8, 8, 3)
-  assert float(np.abs(outs[0]["sharded"]).max()) > 0.1
-  np.testing.assert_allclose(outs[0]["sharded"], outs[0]["single"], rtol=1e-5, atol=1e-5)
+  # The reference, computed here without the cluster: the same key's unsharded init on one
+  # device and the forward of the whole batch.
+  params = helpers.perturb(nn.unbox(jax.jit(helpers.init_fn)(jax.random.key(0))))
+  reference = np.asarray(helpers.fast_jit(helpers.forward, params, helpers.inputs()))
+  assert reference.shape == (8, 8, 8, 3) and float(np.abs(reference).max()) > 0.1
+  # Each process computed its own half of the batch (together all of it) from the same
+  # parameters as here, and its rows equal the unsharded computation's.
+  assert sorted(np.concatenate([o["rows"] for o in outs]).tolist()) == list(range(8))
+  for out in outs:
+    assert len(out["rows"]) == 4
+    for i, leaf in enumerate(jax.tree.leaves(params)):
+      np.testing.assert_allclose(out[f"param_{i}"], leaf, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out["local"], reference[out["rows"]], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["gathered"], reference, rtol=1e-5, atol=1e-5)

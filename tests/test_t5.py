@@ -206,7 +206,8 @@ def _forbid_the_hub(monkeypatch):
                                   "runs/a/t5", "/no/such/t5"])
 def test_local_looking_missing_paths_fail_without_the_hub(name, tmp_path, monkeypatch):
   _forbid_the_hub(monkeypatch)
-  monkeypatch.setattr(hf_checkpoint, "_hub_reachable", lambda *a: pytest.fail("probed the hub"))
+  monkeypatch.setattr(hf_checkpoint, "_hub_unreachable_reason",
+                      lambda *a: pytest.fail("probed the hub"))
   monkeypatch.chdir(tmp_path)
   (tmp_path / "models").mkdir()  # so "models/t5-small" is a relative path, not "org/name"
   where = pathlib.Path(name).expanduser().resolve()
@@ -242,6 +243,45 @@ def test_unreachable_hub_fails_fast(monkeypatch):
   assert time.perf_counter() - start < 3.0
 
 
+def test_hub_failures_say_what_failed(tmp_path, monkeypatch):
+  """Every failure of the hub path names its exception and message, none is swallowed."""
+  import huggingface_hub
+  import local_cluster
+  from huggingface_hub import constants, errors
+
+  # A refused connection is reported as such, not as "did not answer".
+  port = local_cluster.free_port()
+  reason = hf_checkpoint._hub_unreachable_reason(f"http://127.0.0.1:{port}", 2.0)
+  assert f"127.0.0.1:{port} failed (ConnectionRefusedError" in reason, reason
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+  monkeypatch.chdir(tmp_path)
+  # Not a valid hub id: huggingface_hub's own reason.
+  with pytest.raises(FileNotFoundError, match=r"not a valid hub id \(HFValidationError: "
+                                              r"Cannot have -- or \.\."):
+    hf_checkpoint.resolve_directory("bad..name")
+
+  # A download that fails: its exception and message.
+  def snapshot_download(repo_id, local_files_only=False, **kwargs):
+    if local_files_only:
+      raise errors.LocalEntryNotFoundError("not cached")
+    raise OSError("403 Forbidden: gated repo, accept its licence first")
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  monkeypatch.setattr(hf_checkpoint, "_hub_unreachable_reason", lambda *a: None)
+  with pytest.raises(FileNotFoundError, match=r"failed \(OSError: 403 Forbidden: gated repo"):
+    hf_checkpoint.resolve_directory("org/gated-t5")
+
+  # A cache lookup that fails for another reason than "not cached": said, with the cache.
+  def broken_cache(repo_id, local_files_only=False, **kwargs):
+    raise PermissionError(13, "Permission denied", str(tmp_path / "cache" / "models--org"))
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", broken_cache)
+  with pytest.raises(ValueError, match=r"in the Hugging Face cache \(.*cache\) failed: "
+                                       r"PermissionError: \[Errno 13\] Permission denied"):
+    hf_checkpoint.resolve_directory("org/some-t5")
+
+
 def test_cached_hub_id_wins_over_a_local_lookalike(tmp_path, monkeypatch):
   from huggingface_hub import constants
   snapshot = tmp_path / "cache" / "models--tiny--t5-test" / "snapshots" / "0123abcd"
@@ -251,7 +291,8 @@ def test_cached_hub_id_wins_over_a_local_lookalike(tmp_path, monkeypatch):
   (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
   monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
   monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-  monkeypatch.setattr(hf_checkpoint, "_hub_reachable", lambda *a: pytest.fail("probed the hub"))
+  monkeypatch.setattr(hf_checkpoint, "_hub_unreachable_reason",
+                      lambda *a: pytest.fail("probed the hub"))
   monkeypatch.chdir(tmp_path)
   (tmp_path / "tiny").mkdir()
   assert hf_checkpoint.resolve_directory("tiny/t5-test") == snapshot

@@ -128,8 +128,19 @@ def test_one_poisoned_batch_is_skipped_counted_and_left_out_of_the_averages(tmp_
   # Every record has a loss and a gradient norm; a timestep bucket only if it was drawn.
   for name in ("loss", "grad_norm"):
     assert all(math.isfinite(records[s][name]) for s in (3, 6)), (name, records)
-  for name in ("loss_t0", "loss_t3"):
-    assert all(math.isfinite(records[s].get(name, 0.0)) for s in (3, 6)), (name, records)
+  # The t-buckets each record must have: those drawn by its applied steps (the skipped
+  # step 1's draws are not in them), t drawn from the keys as train_step derives them.
+  def drawn_buckets(steps):
+    buckets = set()
+    for s in steps:
+      k_t = jax.random.split(jax.random.fold_in(jax.random.fold_in(state.key, s), 0), 6)[0]
+      buckets |= {min(int(t * 4), 3) for t in np.asarray(jax.random.uniform(k_t, (8,)))}
+    return {f"loss_t{k}" for k in buckets}
+
+  for record, steps in ((records[3], (0, 2)), (records[6], (3, 4, 5))):
+    present = {name for name in record if name.startswith("loss_t")}
+    assert present == drawn_buckets(steps) and present, (present, record)
+    assert all(math.isfinite(record[name]) for name in present), record
   for leaf in jax.tree.leaves((state.params, state.ema_params, state.opt_state)):
     assert np.all(np.isfinite(np.asarray(leaf)))
 

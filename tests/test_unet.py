@@ -213,3 +213,33 @@ def test_bad_inputs_raise_one_clear_error(bad, message):
   inputs = dict(random_inputs(TINY, jax.random.key(0)), **bad)
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(UNet(TINY).init, jax.random.key(0), **inputs)
+
+
+def test_decoder_skips_are_the_encoder_outputs_scaled_by_one_over_sqrt_2():
+  """Imagen's Efficient U-Net scales each skip connection by 1/sqrt(2) (Saharia et al. 2022,
+  appendix F): the decoder's first block of level i must receive [h, skip_i / sqrt(2)],
+  skip_i being what the encoder's last block of level i returned. Both are intercepted."""
+  params, inputs, _ = build(TINY)
+  model = UNet(TINY)
+
+  def run(p, inp):
+    calls = {}
+
+    def record(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      name = context.module.name or ""
+      if context.method_name == "__call__" and "_block_" in name:
+        calls[name] = (args[0], out)
+      return out
+
+    with nn.intercept_methods(record):
+      model.apply({"params": p}, **inp)
+    return calls
+
+  calls = jax.jit(run)(params, inputs)
+  for i, level in enumerate(TINY.levels):
+    skip = calls[f"down_{i}_block_{level.num_res_blocks - 1}"][1]
+    decoder_in = calls[f"up_{i}_block_0"][0]
+    assert float(jnp.abs(skip).max()) > 0.1
+    np.testing.assert_allclose(decoder_in[..., -skip.shape[-1]:], skip / np.sqrt(2.0),
+                               rtol=1e-6, atol=1e-6)

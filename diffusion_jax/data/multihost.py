@@ -42,9 +42,15 @@ def _share_outcome(ok: bool, *, is_source: bool, key: str, timeout_s: float) -> 
     return ok
   try:
     return client.blocking_key_value_get(key, int(timeout_s * 1000)) == "ok"
-  except Exception as error:  # DEADLINE_EXCEEDED, coordinator gone
-    raise TimeoutError(f"Gave up waiting for process 0 to prepare the dataset after "
-                       f"{timeout_s:g} s ({type(error).__name__}); see process 0's log.") from None
+  except RuntimeError as error:  # jax.errors.JaxRuntimeError, its status code first
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    if first_line.startswith("DEADLINE_EXCEEDED"):
+      raise TimeoutError(f"Gave up waiting for process 0 to prepare the dataset after "
+                         f"{timeout_s:g} s; see process 0's log.") from None
+    # Anything else (UNAVAILABLE: the coordinator is gone, CANCELLED, ...) is not a time-out.
+    raise RuntimeError(f"Waiting for process 0 to prepare the dataset failed before the "
+                       f"{timeout_s:g} s time-out: {type(error).__name__}: {first_line} "
+                       "(did process 0 or the coordinator exit? see their logs).") from error
 
 
 def prepare_once(prepare: Callable[[], T], *, key: str | None = None,

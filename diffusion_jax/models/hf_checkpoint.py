@@ -3,8 +3,9 @@
 Shared by every pretrained text encoder family (T5 now, BERT later): a family says how to
 build its Flax module from ``config.json`` and where each of its parameters comes from in
 the PyTorch state dict (``EncoderFamily``); this module finds the files, reads the
-safetensors lazily, checks every shape and places each tensor straight onto its target
-``NamedSharding``.
+safetensors lazily through the ``safetensors`` package (``safe_open`` / ``get_slice``),
+checks every shape and places each tensor straight onto its target ``NamedSharding``,
+reading from disk only the bytes of each device's shard.
 
 A usable checkpoint directory holds::
 
@@ -19,13 +20,13 @@ and would make torch a runtime dependency.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import pathlib
 import re
 import socket
-import struct
 import threading
 import urllib.parse
 import urllib.request
@@ -34,7 +35,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -55,7 +55,8 @@ class Source:
   """Where one Flax parameter comes from: the first present of ``names``, then ``transform``.
 
   ``transform`` maps the PyTorch layout to ours (e.g. a Linear weight [out, in] to a
-  kernel [in, out]); it must only transpose / reshape, so it stays a lazy view of the file.
+  kernel [in, out]); it must only transpose / reshape (numpy views, no arithmetic): the
+  reader applies it to index arrays to find which elements of the file a shard needs.
   """
   names: tuple[str, ...]
   transform: Transform = lambda x: x
@@ -85,8 +86,15 @@ _MISSING_FILES = (f"{CONFIG_NAME}, {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME} and i
                   "the tokenizer files (tokenizer.json or spiece.model)")
 
 
-def _hub_reachable(endpoint: str, timeout: float) -> bool:
-  """Whether a TCP connection to ``endpoint`` (or its proxy) opens within ``timeout`` s.
+def _error_text(error: BaseException) -> str:
+  """``Type: first line of the message``, for one-line reports of a caught exception."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _hub_unreachable_reason(endpoint: str, timeout: float) -> str | None:
+  """None if a TCP connection to ``endpoint`` (or its proxy) opens within ``timeout`` s,
+  else why not (the connection error, or that nothing answered in time).
 
   Name resolution has no timeout of its own, so the attempt runs in a daemon thread that is
   abandoned after ``timeout``.
@@ -97,19 +105,21 @@ def _hub_reachable(endpoint: str, timeout: float) -> bool:
   if proxy and not urllib.request.proxy_bypass(host):
     proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     host, port = proxy_url.hostname, proxy_url.port or 80
-  connected = []
+  outcome = []
 
   def connect():
     try:
       socket.create_connection((host, port), timeout=timeout).close()
-      connected.append(True)
-    except OSError:
-      pass
+      outcome.append(None)
+    except OSError as e:  # refused, unresolvable, timed out: the reason is reported
+      outcome.append(f"connecting to {host}:{port} failed ({_error_text(e)})")
 
   thread = threading.Thread(target=connect, daemon=True)
   thread.start()
   thread.join(timeout)
-  return bool(connected)
+  if not outcome:
+    return f"the hub ({endpoint}) did not answer within {timeout:g} s (offline?)"
+  return None if outcome[0] is None else f"the hub ({endpoint}) is unreachable: {outcome[0]}"
 
 
 def _local_path_reason(text: str) -> str | None:
@@ -140,30 +150,39 @@ def resolve_directory(path_or_id: str | os.PathLike) -> pathlib.Path:
     raise NotADirectoryError(f"{text} is a file; expected a Hugging Face model directory "
                              f"(with {CONFIG_NAME} and {WEIGHTS_NAME}).")
   import huggingface_hub  # Deferred: only hub ids need it.
-  from huggingface_hub import constants
+  from huggingface_hub import constants, errors
   patterns = ["*.json", "*.safetensors", "spiece.model", "vocab.txt"]
+  invalid_id = None
   if _HUB_ID.match(text):
     try:  # A cached hub id wins even if it also looks like a path.
       return pathlib.Path(huggingface_hub.snapshot_download(
           text, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # Not cached.
-      pass
+    except errors.LocalEntryNotFoundError:
+      pass  # not cached: look for a local path, then the hub
+    except errors.HFValidationError as e:  # e.g. "a..b": not a hub id
+      invalid_id = _error_text(e)
+    except Exception as e:  # an unreadable or corrupt cache entry, say
+      raise ValueError(f"Looking up text encoder {text!r} in the Hugging Face cache "
+                       f"({constants.HF_HUB_CACHE}) failed: {_error_text(e)}. Fix or delete "
+                       "that cache entry, or pass a local model directory.") from e
   local_reason = _local_path_reason(text)
   if local_reason is not None:
     raise FileNotFoundError(
         f"Text encoder directory {path.resolve()} does not exist ({text!r}: {local_reason}). "
         f"Missing there: {_MISSING_FILES}. Pass an existing Hugging Face model directory "
         f"(relative paths start from {pathlib.Path.cwd()}).")
-  if constants.HF_HUB_OFFLINE:
+  if invalid_id is not None:
+    reason = f"it is not a valid hub id ({invalid_id})"
+  elif constants.HF_HUB_OFFLINE:
     reason = "HF_HUB_OFFLINE is set"
-  elif not _hub_reachable(constants.ENDPOINT, HUB_PROBE_TIMEOUT_S):
-    reason = (f"the hub ({constants.ENDPOINT}) did not answer within {HUB_PROBE_TIMEOUT_S:g} s "
-              "(offline?)")
+  elif (unreachable := _hub_unreachable_reason(constants.ENDPOINT,
+                                               HUB_PROBE_TIMEOUT_S)) is not None:
+    reason = unreachable
   else:
     try:
       return pathlib.Path(huggingface_hub.snapshot_download(text, allow_patterns=patterns))
-    except Exception as e:  # Unknown or gated repo, network failure...
-      reason = f"downloading it failed ({type(e).__name__})"
+    except Exception as e:  # Unknown or gated repo, network failure...: all reported
+      reason = f"downloading it from {constants.ENDPOINT} failed ({_error_text(e)})"
   raise FileNotFoundError(
       f"Text encoder {text!r} is neither a local directory ({path.resolve()}) nor in the "
       f"Hugging Face cache ({constants.HF_HUB_CACHE}), and {reason}. Missing: "
@@ -206,59 +225,81 @@ def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
                           f"{WEIGHTS_INDEX_NAME} (with its shards).")
 
 
-# safetensors dtype tags -> numpy. The safetensors package's numpy reader lacks BF16, which
-# many published checkpoints use; ml_dtypes (a jax dependency) provides it.
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+def _axis_coordinates(shape: tuple[int, ...], axis: int) -> np.ndarray:
+  """[*shape] array whose entries are their own index along ``axis``: a zero-stride view
+  of an arange, so it costs no memory until indexed."""
+  ramp = np.arange(shape[axis]).reshape([-1 if a == axis else 1 for a in range(len(shape))])
+  return np.broadcast_to(ramp, shape)
 
 
-def _read_header(path: pathlib.Path) -> tuple[int, dict[str, Any]]:
-  with open(path, "rb") as f:
-    (size,) = struct.unpack("<Q", f.read(8))
-    if size > 100_000_000:
-      raise ValueError(f"{path} is not a safetensors file (header size {size}).")
-    header = json.loads(f.read(size))
-  header.pop("__metadata__", None)
-  return 8 + size, header
+class LazyTensor:
+  """One tensor of a safetensors file, read on demand through ``safetensors.safe_open``.
+
+  ``read(transform, index)`` returns ``transform(tensor)[index]`` reading only the bytes
+  it needs: the transform (a transpose / reshape from ``Source``) is applied to per-axis
+  coordinate views of the file's tensor, whose entries at ``index`` say which elements of
+  the file that shard holds; their bounding box is read with ``get_slice`` and the shard
+  gathered from it.
+  """
+
+  def __init__(self, handle, name: str, path: pathlib.Path):
+    self._handle, self.name, self.path = handle, name, path
+    self._slice = handle.get_slice(name)
+    self.shape = tuple(self._slice.get_shape())
+
+  def transformed_shape(self, transform: Transform) -> tuple[int, ...]:
+    return transform(np.broadcast_to(np.zeros((), np.int8), self.shape)).shape
+
+  def read(self, transform: Transform, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    try:
+      coords = None
+      if index is not None and self.shape:
+        coords = [transform(_axis_coordinates(self.shape, a))[index]
+                  for a in range(len(self.shape))]
+      if coords is None or not coords[0].size:  # whole tensor (or scalar, or empty shard)
+        out = transform(self._handle.get_tensor(self.name))
+        return np.asarray(out if index is None else out[index])
+      lows = [int(c.min()) for c in coords]
+      box = self._slice[tuple(slice(lo, int(c.max()) + 1)
+                              for lo, c in zip(lows, coords, strict=True))]
+      return np.asarray(box[tuple(c - lo for c, lo in zip(coords, lows, strict=True))])
+    except Exception as e:  # a truncated or corrupt file, an unsupported dtype...
+      raise ValueError(f"Reading {self.name} from {self.path} failed: {_error_text(e)}.") \
+          from e
 
 
-class SafetensorsReader(Mapping[str, np.ndarray]):
-  """Lazy read-only view of the tensors in one or more safetensors files.
+class SafetensorsReader(Mapping[str, LazyTensor]):
+  """Lazy read-only view of the tensors in one or more safetensors files (the shards of an
+  index), each a ``LazyTensor``.
 
-  Each tensor is an ``np.memmap`` slice of its file (format: 8-byte little-endian header
-  length, JSON header with dtype / shape / byte offsets, raw data), so transposing it and
-  then taking one device's shard reads only that shard's bytes from disk.
+  The format is parsed by the pinned ``safetensors`` package (``safe_open``, numpy
+  framework), which reads BF16 as ``ml_dtypes.bfloat16`` (safetensors 0.8.0, tested in
+  test_t5.py) and slices without reading whole tensors; nothing here parses the header.
   """
 
   def __init__(self, files: Sequence[pathlib.Path]):
-    self._entries: dict[str, tuple[pathlib.Path, int, dict[str, Any]]] = {}
-    for path in files:
-      start, header = _read_header(path)
-      for name, info in header.items():
-        self._entries[name] = (path, start, info)
+    from safetensors import safe_open
 
-  def __getitem__(self, name: str) -> np.ndarray:
-    path, start, info = self._entries[name]
-    if info["dtype"] not in _DTYPES:
-      raise ValueError(f"{name} in {path} has unsupported dtype {info['dtype']}.")
-    begin, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    dtype = np.dtype(_DTYPES[info["dtype"]])
-    if end - begin != int(np.prod(shape)) * dtype.itemsize:
-      raise ValueError(f"{name} in {path}: byte range does not match shape {shape}.")
-    if not shape or end == begin:
-      return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
+    self._tensors: dict[str, LazyTensor] = {}
+    for path in files:
+      try:
+        handle = safe_open(str(path), framework="numpy")
+        self._tensors.update({name: LazyTensor(handle, name, path) for name in handle.keys()})
+      except Exception as e:  # safetensors' own error for a corrupt header, say
+        raise ValueError(f"{path} is not a readable safetensors file: {_error_text(e)}.") \
+            from e
+
+  def __getitem__(self, name: str) -> LazyTensor:
+    return self._tensors[name]
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._entries[name][2]["shape"])
+    return self._tensors[name].shape
 
   def __iter__(self) -> Iterator[str]:
-    return iter(self._entries)
+    return iter(self._tensors)
 
   def __len__(self) -> int:
-    return len(self._entries)
+    return len(self._tensors)
 
 
 def fingerprint(directory: pathlib.Path) -> str:
@@ -290,7 +331,8 @@ def load_params(sources: Mapping[tuple[str, ...], Source], abstract_params: Any,
   Args:
     sources: flattened param path -> Source (from the family's ``param_sources``).
     abstract_params: unboxed tree of ShapeDtypeStructs (``jax.eval_shape`` of init).
-    reader: tensor name -> array (e.g. a SafetensorsReader).
+    reader: tensor name -> array, or -> LazyTensor (a SafetensorsReader), which reads
+      only each shard's bytes.
     shardings: None (default device) or a tree of NamedShardings like abstract_params;
       each leaf is then assembled shard by shard with ``jax.make_array_from_callback``,
       so no device (and, multi-host, no process) holds more than its slice.
@@ -307,22 +349,28 @@ def load_params(sources: Mapping[tuple[str, ...], Source], abstract_params: Any,
     if name is None:
       problems.append(f"missing tensor {' or '.join(source.names)}")
       continue
-    array = source.transform(reader[name])
-    if array.shape != leaf.shape:
-      problems.append(f"{name} has shape {tuple(reader[name].shape)} but config.json implies "
+    tensor = reader[name]
+    lazy = isinstance(tensor, LazyTensor)
+    shape = tensor.transformed_shape(source.transform) if lazy else \
+        source.transform(tensor).shape
+    if shape != leaf.shape:
+      problems.append(f"{name} has shape {tuple(tensor.shape)} but config.json implies "
                       f"{leaf.shape} (our layout, {'/'.join(path)})")
       continue
-    arrays[path] = (array, leaf.dtype)
+    read = (functools.partial(tensor.read, source.transform) if lazy else
+            lambda index=None, t=tensor, f=source.transform: f(t) if index is None
+            else f(t)[index])
+    arrays[path] = (read, shape, leaf.dtype)
   if problems:
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     raise ValueError(f"{where} does not match its config.json: " + "; ".join(problems[:3])
                      + more + ". Is config.json from the same model as the weights?")
   placed = {}
-  for path, (array, dtype) in arrays.items():
+  for path, (read, shape, dtype) in arrays.items():
     if path in flat_shardings:
       placed[path] = jax.make_array_from_callback(
-          array.shape, flat_shardings[path],
-          lambda index, a=array, d=dtype: np.asarray(a[index], dtype=d))
+          shape, flat_shardings[path],
+          lambda index, r=read, d=dtype: np.asarray(r(index), dtype=d))
     else:
-      placed[path] = jax.device_put(np.asarray(array, dtype=dtype))
+      placed[path] = jax.device_put(np.asarray(read(), dtype=dtype))
   return traverse_util.unflatten_dict(placed)

@@ -49,7 +49,7 @@ def make_preview(model, step_settings: StepSettings, loop, text_encoder, null_co
         model, params, text_emb, mask, null, key, grid,
         image_shape=image_shape, parameterization=diffusion.parameterization,
         sampler="ddim", guidance_scale=loop.preview_guidance_scale,
-        threshold=stage_kind.default_threshold)
+        threshold=stage_kind.default_threshold, preconditioning=diffusion.preconditioning)
 
   def preview(state, step, writer, workdir):
     out = stage_kind.decode(sample(state.ema_params, state.text_ema_params,

@@ -1,11 +1,12 @@
 """The pure train step: state, batch -> state, metrics.
 
-One step: draw t, noise, condition dropout (and, for super-resolution stages, the
+One step: draw the noise level (``diffusion.noise_levels``: t ~ U[0, 1] of the schedule,
+or EDM's log-normal), noise, condition dropout (and, for super-resolution stages, the
 low-res augmentation level) from ``fold_in(state.rng, state.step)``; q_sample; run the
-U-Net; take the weighted loss of the diffusion core; average gradients over micro-batches;
-apply the optimizer and the EMA. A step whose loss or gradient norm is NaN/Inf changes
-nothing but the step counter and the non-finite counters (the host loop aborts after too
-many in a row).
+U-Net (inside EDM's preconditioning wrapper if one is set); take the weighted loss of the
+diffusion core; average gradients over micro-batches; apply the optimizer and the EMA. A
+step whose loss or gradient norm is NaN/Inf changes nothing but the step counter and the
+non-finite counters (the host loop aborts after too many in a row).
 
 Batch (global arrays, leading axis the batch B):
   image [B, H, W, C] float in [-1, 1]; text_mask [B, L] bool;
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax.diffusion import losses, schedules
+from diffusion_jax.diffusion import losses, noise_levels, preconditioning, schedules
 from diffusion_jax.training.state import TrainState, ema_decay_at, ema_update
 
 
@@ -35,6 +36,11 @@ class DiffusionSettings:
   ``lowres_schedule`` (super-resolution stages only) gives Imagen's noise-conditioning
   augmentation: the low-res input is noised to logsnr = lowres_schedule.logsnr(t_aug),
   t_aug ~ U[0, lowres_aug_max_t] per example, and the network is told that level.
+
+  ``noise_sampler``: the training noise-level distribution (``diffusion.noise_levels``);
+  None draws t ~ U[0, 1] of ``schedule``. ``preconditioning``: None, or an
+  ``EDMPreconditioning`` whose wrapper turns the U-Net into an x0 model (Karras et al.
+  2022); with ``weighting="edm"`` and the log-normal sampler that is the paper's training.
   """
 
   schedule: Any = dataclasses.field(default_factory=schedules.ShiftedCosineSchedule)
@@ -46,6 +52,8 @@ class DiffusionSettings:
   lowres_schedule: Any = None
   lowres_aug_max_t: float = 1.0
   num_loss_buckets: int = 4
+  noise_sampler: Any = None
+  preconditioning: Any = None
 
   def __post_init__(self):
     if not 0.0 <= self.cond_drop_prob <= 1.0:
@@ -54,6 +62,11 @@ class DiffusionSettings:
       raise ValueError(f"lowres_aug_max_t must lie in [0, 1], got {self.lowres_aug_max_t}.")
     losses.loss_weight(jnp.zeros(1), self.parameterization, self.weighting,
                        min_snr_gamma=self.min_snr_gamma, sigma_data=self.sigma_data)
+    preconditioning.check_parameterization(self.preconditioning, self.parameterization)
+
+  @property
+  def noise_level_sampler(self):
+    return self.noise_sampler or noise_levels.UniformTime(self.schedule)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -77,8 +90,7 @@ def _loss_fn(params, model: nn.Module, batch, null_cond, key, settings: Diffusio
   x0 = batch["image"].astype(jnp.float32)
   b = x0.shape[0]
   k_t, k_eps, k_drop, k_aug, k_aug_noise, k_dropout = jax.random.split(key, 6)
-  t = jax.random.uniform(k_t, (b,))
-  logsnr = settings.schedule.logsnr(t)
+  logsnr, t = settings.noise_level_sampler.sample(k_t, b)
   eps = jax.random.normal(k_eps, x0.shape)
   x_t = schedules.q_sample(x0, eps, logsnr)
   if text_apply is None:
@@ -101,13 +113,18 @@ def _loss_fn(params, model: nn.Module, batch, null_cond, key, settings: Diffusio
     noise = jax.random.normal(k_aug_noise, lowres.shape)
     extra = {"lowres": schedules.q_sample(lowres, noise, lowres_logsnr),
              "lowres_logsnr": lowres_logsnr}
-  prediction = model.apply({"params": params}, x_t, logsnr, cond["text_emb"],
-                           cond["text_mask"], train=True, rngs={"dropout": k_dropout},
-                           **extra)
+  def network(x, logsnr):
+    return model.apply({"params": params}, x, logsnr, cond["text_emb"], cond["text_mask"],
+                       train=True, rngs={"dropout": k_dropout}, **extra)
+
+  if settings.preconditioning is not None:
+    network = settings.preconditioning.wrap(network)
+  prediction = network(x_t, logsnr)
   per_example, metrics = losses.diffusion_loss(
       prediction, x0, eps, logsnr, settings.parameterization, settings.weighting,
       min_snr_gamma=settings.min_snr_gamma, sigma_data=settings.sigma_data)
-  # Loss per t-bucket, as sums and counts so the host can average over many steps.
+  # Loss per t-bucket (of the noise level's quantile u, t for a schedule), as sums and
+  # counts so the host can average over many steps.
   buckets = jnp.clip((t * settings.num_loss_buckets).astype(jnp.int32), 0,
                      settings.num_loss_buckets - 1)
   one_hot = jax.nn.one_hot(buckets, settings.num_loss_buckets)
