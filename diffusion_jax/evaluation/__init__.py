@@ -1,0 +1,1 @@
+"""Evaluators: the shapes probe, ShapesEval, Frechet distance and classifier judges."""
