@@ -111,7 +111,7 @@ def loop_settings(config: ml_collections.ConfigDict) -> loop_lib.LoopSettings:
       mesh_axes=(("data", config.mesh.data), ("model", config.mesh.model)),
       rules=RULES[config.mesh.rules], preview_every=t.preview_every,
       preview_prompts=tuple(t.preview_prompts), preview_steps=t.preview_steps,
-      preview_guidance_scale=t.preview_guidance_scale)
+      preview_guidance_scale=t.preview_guidance_scale, eval_every=config.eval.every)
 
 
 class CachedTextEncoder:
@@ -291,11 +291,14 @@ def run_training(config: ml_collections.ConfigDict, workdir: str):
       new = encoder.cache.precompute(mine)
       print(f"Text embedding cache {config.text.cache_dir}: {len(set(mine))} captions, "
             f"{new} newly encoded.", flush=True)
+  import evaluating  # (experiments/; imports this module)
+
+  evaluator = evaluating.training_evaluator(config, model_cfg, encoder)
   try:
     return loop_lib.train(
         workdir, model=unet_lib.UNet(model_cfg), loop=loop, step_settings=steps,
         optimizer=optimizer, data_factory=factory, text_encoder=encoder,
-        config_json=config.to_dict())
+        config_json=config.to_dict(), evaluator=evaluator)
   except loop_lib.NonFiniteError as e:
     raise UserError(str(e)) from None
 

@@ -23,8 +23,9 @@ from diffusion_jax.models import unet as unet_lib  # noqa: E402
 from diffusion_jax.training import loop as loop_lib  # noqa: E402
 from diffusion_jax.training import state as state_lib  # noqa: E402
 
+# probe_shapes.py configures the shapes probe, not a U-Net (tests/test_probe.py tests it).
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
-                 if p.stem not in ("__init__", "common"))
+                 if p.stem not in ("__init__", "common", "probe_shapes"))
 DEVICES = 64  # e.g. a TPU v4-128 slice (64 chips)
 
 

@@ -205,8 +205,10 @@ def _flip(x, objects):
 
 
 def train_probe(settings: ProbeSettings = ProbeSettings(),
-                log: Callable[[str], None] | None = print) -> dict:
-  """Renders the training scenes and trains the probe; returns its params."""
+                log: Callable[[str], None] | None = print,
+                snapshot: Callable[[int, dict], None] | None = None) -> dict:
+  """Renders the training scenes and trains the probe; returns its params.
+  ``snapshot(step, params)``, if given, is called every 500 steps (to watch accuracy)."""
   start = time.time()
   images, objects, mask = render_scenes(settings.num_scenes, settings.seed,
                                         settings.held_out_fraction)
@@ -245,6 +247,8 @@ def train_probe(settings: ProbeSettings = ProbeSettings(),
       log(f"[probe] step {i + 1}/{settings.num_steps} loss {float(loss):.3f} "
           + " ".join(f"{k}={float(v):.3f}" for k, v in parts.items())
           + f" ({time.time() - start:.0f}s)")
+    if snapshot is not None and (i + 1) % 500 == 0:
+      snapshot(i + 1, params)
   return params
 
 
@@ -354,8 +358,9 @@ def load(path) -> Probe:
 
 
 def load_or_train(settings: ProbeSettings = ProbeSettings(), cache_dir=None,
-                  log: Callable[[str], None] | None = print) -> Probe:
-  """The cached probe for ``settings``; trained (and its accuracy measured) if absent."""
+                  log: Callable[[str], None] | None = print, measure: bool = True) -> Probe:
+  """The cached probe for ``settings``; trained (and, with ``measure``, its accuracy on
+  real images measured and stored with it) if absent."""
   path = cache_path(settings, cache_dir)
   if path.exists() and path.with_suffix(".json").exists():
     return load(path)
@@ -366,9 +371,10 @@ def load_or_train(settings: ProbeSettings = ProbeSettings(), cache_dir=None,
   probe = Probe(params, settings, {"train_seconds": round(time.time() - start, 1)})
   from diffusion_jax.evaluation import probe_accuracy
 
-  probe.info["accuracy"] = probe_accuracy.measure(probe)
+  if measure:
+    probe.info["accuracy"] = probe_accuracy.measure(probe)
   save(probe, path)
-  if log:
+  if log and measure:
     log(f"[probe] trained in {probe.info['train_seconds']:.0f}s; accuracy on real images: "
         + probe_accuracy.summary(probe.info["accuracy"]) + f"; saved {path}")
   return probe

@@ -238,7 +238,7 @@ def one_line(summary: dict, category: str = "colour_shape") -> str:
 
 
 def example_grid(records: list[dict], images: np.ndarray, per_category: int = 8,
-                 tile: int = 64) -> np.ndarray:
+                 tile: int = 128) -> np.ndarray:
   """uint8 grid of up to ``per_category`` examples per category (wrong ones first), each
   framed green (right) or red (wrong) and captioned with the prompt and what the probe read."""
   from diffusion_jax import images as images_lib

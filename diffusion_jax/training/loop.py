@@ -88,6 +88,7 @@ class LoopSettings:
   preview_prompts: tuple[str, ...] = ()
   preview_steps: int = 25
   preview_guidance_scale: float = 3.0
+  eval_every: int = 0  # steps between calls of train()'s evaluator (0: never)
 
   def __post_init__(self):
     for name in ("num_steps", "batch_size", "resolution", "log_every", "checkpoint_every",
@@ -312,7 +313,8 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
           step_settings: StepSettings, optimizer: state_lib.OptimizerSettings,
           data_factory: Callable[[], Iterator[dict]], text_encoder: TextEncoderLike,
           config_json: dict | None = None, log: Callable[[str], None] = print,
-          on_step_end: Callable[[int], None] | None = None):
+          on_step_end: Callable[[int], None] | None = None,
+          evaluator: Callable[[Any, int], dict[str, float]] | None = None):
   """Trains ``model`` in ``workdir`` (resuming if it holds checkpoints).
 
   ``text_encoder``: either a frozen encoder whose ``encode`` runs on the host, on this
@@ -419,6 +421,8 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
           checkpointer.save(step, state, data.get_state(), config_json)
         if preview is not None and (step % loop.preview_every == 0 or last):
           preview(state, step, writer, workdir)
+        if evaluator is not None and loop.eval_every and (step % loop.eval_every == 0 or last):
+          writer.write(step, evaluator(state, step))
         interval_start += time.time() - pause_start
         if on_step_end is not None:
           on_step_end(step)
