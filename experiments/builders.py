@@ -111,7 +111,9 @@ def loop_settings(config: ml_collections.ConfigDict) -> loop_lib.LoopSettings:
       mesh_axes=(("data", config.mesh.data), ("model", config.mesh.model)),
       rules=RULES[config.mesh.rules], preview_every=t.preview_every,
       preview_prompts=tuple(t.preview_prompts), preview_steps=t.preview_steps,
-      preview_guidance_scale=t.preview_guidance_scale, eval_every=config.eval.every)
+      preview_guidance_scale=t.preview_guidance_scale,
+      # (workdirs written before config.eval existed have none)
+      eval_every=config.eval.every if config.get("eval") is not None else 0)
 
 
 class CachedTextEncoder:

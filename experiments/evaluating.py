@@ -72,9 +72,10 @@ def _max_objects(workdirs) -> int:
   return int(config.data.get("shapes_max_objects", 3))
 
 
-def fd_probe(probe, sample_fn, num: int, resolution: int, max_objects: int,
+def fd_probe(features, sample_fn, num: int, resolution: int, max_objects: int,
              batch_size: int) -> dict:
-  """FD-probe of ``num`` images generated from validation captions against the same
+  """Frechet distance of ``features`` (images [B, H, W, 3] uint8 -> [B, D]; FD-probe with
+  the probe's) between ``num`` images generated from validation captions and the same
   validation scenes rendered at ``resolution``, and the floor: those real images against
   ``num`` other real validation images."""
   from diffusion_jax.data import shapes
@@ -91,22 +92,25 @@ def fd_probe(probe, sample_fn, num: int, resolution: int, max_objects: int,
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
     generated.append(np.asarray(sample_fn(chunk, FD_INDEX_OFFSET + s)))
   generated = np.concatenate(generated)[:num]
-  stats = {name: frechet.FeatureStats().update(probe.features(images))
+  stats = {name: frechet.FeatureStats().update(features(images))
            for name, images in (("generated", generated), ("real", real), ("other", other))}
   return {"generated_vs_real": stats["generated"].frechet_distance(stats["real"]),
           "real_vs_real_floor": stats["other"].frechet_distance(stats["real"]),
-          "num_images": num, "resolution": resolution, "feature_dim": probe.feature_dim}
+          "num_images": num, "resolution": resolution,
+          "feature_dim": stats["real"].mean.shape[0]}
 
 
 def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_per_prompt=4,
                    batch_size=48, fd_images=200, probe=None, probe_dir=None,
-                   probe_path=None, seed=0, log=print, **sampler_kwargs) -> dict:
+                   probe_path=None, features=None, seed=0, log=print,
+                   **sampler_kwargs) -> dict:
   """Evaluates a cascade (training ``workdirs`` or exported ``stages``, base first) on
   ShapesEval and FD-probe; writes eval.json, eval.md and examples.png into ``outdir`` and
   returns eval.json's content. ``sampler_kwargs``: sample.py's flags (checkpoint_steps,
   sampler, steps, guidance_scale, threshold, percentile, aug_level). ``probe``: a loaded
   probe; ``probe_path``: a saved probe file; default: the cached one, trained on first use
-  into ``probe_dir``."""
+  into ``probe_dir``. ``features``: the Frechet distance's feature extractor (images
+  [B, H, W, 3] uint8 -> [B, D]); default the probe's (FD-probe)."""
   import jax
 
   from diffusion_jax import images as images_lib
@@ -140,7 +144,8 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   fd = None
   if fd_images:
     log(f"[eval] FD-probe: {fd_images} images from validation captions ...")
-    fd = fd_probe(probe, sample_fn, fd_images, resolution, max_objects, batch_size)
+    fd = fd_probe(features or probe.features, sample_fn, fd_images, resolution, max_objects,
+                  batch_size)
   result = {
       "summary": summary, "fd_probe": fd,
       "probe": {"settings": dataclasses.asdict(probe.settings), "accuracy_on_real": accuracy,
@@ -188,6 +193,9 @@ def training_evaluator(config, model_cfg, text_encoder, log=print, probe=None):
   from diffusion_jax.models import unet as unet_lib
 
   e = config.eval
+  if e.every < 0 or e.images_per_prompt < 1:
+    raise UserError(f"config.eval: every={e.every} must be >= 0 (0: off) and "
+                    f"images_per_prompt={e.images_per_prompt} >= 1.")
   if not e.every:
     return None
   why_not = ("a super-resolution stage" if model_cfg.super_resolution else

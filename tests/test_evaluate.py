@@ -76,12 +76,15 @@ def test_loop_calls_the_evaluator_and_logs_its_scalars(tmp_path):
     calls.append(step)
     return {"eval/fake": float(step) / 10}
 
-  loop = loop_lib.LoopSettings(num_steps=3, batch_size=4, resolution=16, checkpoint_every=10,
+  # The train step of training_helpers.run (so the compilation cache has it from
+  # test_training), with an evaluator.
+  loop = loop_lib.LoopSettings(num_steps=3, batch_size=8, resolution=16, checkpoint_every=10,
                                eval_every=2)
   loop_lib.train(tmp_path, model=th.tiny_unet(16), loop=loop,
-                 step_settings=step_lib.StepSettings(step_lib.DiffusionSettings()),
-                 optimizer=state_lib.OptimizerSettings(learning_rate=1e-3, warmup_steps=1),
-                 data_factory=lambda: th.ShapesIterator(4, 16), text_encoder=th.HashText(),
+                 step_settings=step_lib.StepSettings(
+                     step_lib.DiffusionSettings(lowres_aug_max_t=0.5), ema_decay=0.9),
+                 optimizer=state_lib.OptimizerSettings(learning_rate=2e-3, warmup_steps=2),
+                 data_factory=lambda: th.ShapesIterator(8, 16), text_encoder=th.HashText(),
                  log=lambda s: None, evaluator=evaluator)
   assert calls == [2, 3]  # every eval_every steps and at the last
   lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -153,3 +156,20 @@ def test_evaluate_end_to_end(trained, tmp_path):
   assert "| colour_shape | held_out |" in md and "FD-probe (6 images, 8 px)" in md
   assert "The probe on real images" in md
   assert (out / "examples.png").stat().st_size > 0
+
+
+def test_frechet_feature_extractor_is_a_parameter():
+  # Any images -> [B, D] function: here a fixed random projection of 4x4-pooled pixels.
+  projection = np.random.default_rng(0).normal(size=(48, 12))
+
+  def features(images):
+    x = np.asarray(images, np.float32).reshape(len(images), 4, 8, 4, 8, 3).mean((2, 4))
+    return x.reshape(len(images), -1) @ projection
+
+  def noise_sampler(prompts, first_index):
+    rng = np.random.default_rng(first_index)
+    return rng.integers(0, 256, (len(prompts), 32, 32, 3), dtype=np.uint8)
+
+  fd = evaluating.fd_probe(features, noise_sampler, 40, 32, 3, batch_size=16)
+  assert fd["feature_dim"] == 12 and fd["num_images"] == 40
+  assert 0 < fd["real_vs_real_floor"] < fd["generated_vs_real"]

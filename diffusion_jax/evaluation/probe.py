@@ -48,7 +48,7 @@ CACHE_ENV = "DIFFUSION_JAX_PROBE_DIR"
 class ProbeSettings:
   """How the probe is built and trained (configs/probe_shapes.py sets these)."""
   width: int = 32
-  num_steps: int = 3000
+  num_steps: int = 1000
   batch_size: int = 64
   learning_rate: float = 2e-3
   num_scenes: int = 20_000   # rendered once, corrupted afresh each step
