@@ -33,6 +33,8 @@ EXTRAS_REQUIRE = {
         # Only as a numerical reference in tests (T5 parity). 2.13.0 is the CPU wheel
         # available locally; a looser pin would pull a multi-GB CUDA build.
         "torch==2.13.0",
+        # Only as a reference in tests (scipy.linalg.sqrtm for the Frechet distance).
+        "scipy==1.17.1",
     ],
 }
 

@@ -6,7 +6,7 @@ import functools
 from diffusion_jax.evaluation import probe as probe_lib
 
 TINY = probe_lib.ProbeSettings(width=8, num_steps=150, batch_size=32, num_scenes=600,
-                               learning_rate=5e-3)
+                               learning_rate=5e-3, ema_decay=0.9)
 
 
 @functools.cache
