@@ -6,7 +6,7 @@ import functools
 from diffusion_jax.evaluation import probe as probe_lib
 
 TINY = probe_lib.ProbeSettings(width=8, num_steps=150, batch_size=32, num_scenes=600,
-                               learning_rate=5e-3, ema_decay=0.9)
+                               learning_rate=5e-3, decay_steps=150, clip_grad_norm=1.0)
 
 
 @functools.cache
