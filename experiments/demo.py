@@ -29,7 +29,7 @@ flags.DEFINE_string("rundir", str(ROOT / "runs" / "demo"), "Where the demo write
 flags.DEFINE_string("data_dir", str(ROOT / "data"), "Where the shapes dataset is prepared.")
 flags.DEFINE_float("base_minutes", 7.0, "Training budget of the base stage.")
 flags.DEFINE_float("sr_minutes", 3.0, "Training budget of the super-resolution stage.")
-flags.DEFINE_integer("eval_images_per_prompt", 2, "ShapesEval colour x shape images per "
+flags.DEFINE_integer("eval_images_per_prompt", 1, "ShapesEval colour x shape images per "
                      "prompt scored at the end (0: no score).")
 
 # Held-out colour x shape pairs (diffusion_jax.data.shapes.HELD_OUT_PAIRS) and a few seen.
