@@ -39,6 +39,8 @@ EXTRAS_REQUIRE = {
         # Test-only reference for the Flax AutoencoderKL (VAE parity with diffusers' PyTorch
         # model, tests/test_autoencoder.py); never imported by the library.
         "diffusers==0.42.1",
+        # Only as a reference in tests (scipy.linalg.sqrtm for the Frechet distance).
+        "scipy==1.17.1",
     ],
 }
 

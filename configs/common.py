@@ -147,6 +147,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = config_dict.placeholder(str)
   c.distributed.num_processes = config_dict.placeholder(int)
   c.distributed.process_id = config_dict.placeholder(int)
+
+  # ShapesEval inside training (experiments/evaluating.py: training_evaluator): every
+  # `every` steps (0: off), the EMA params of a base stage sample `images_per_prompt`
+  # images per prompt of `categories`, scored by the shapes probe (trained once, cached).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0
+  c.eval.categories = ("colour_shape",)
+  c.eval.images_per_prompt = 1
+  c.eval.num_steps = 25              # DDIM steps of those samples
+  c.eval.guidance_scale = 3.0
   return c.lock()
 
 

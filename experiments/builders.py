@@ -143,7 +143,9 @@ def loop_settings(config: ml_collections.ConfigDict) -> loop_lib.LoopSettings:
       preview_prompts=tuple(t.preview_prompts), preview_steps=t.preview_steps,
       preview_guidance_scale=t.preview_guidance_scale,
       allow_data_restart=t.get("allow_data_restart", False),
-      recover_from_intact=t.get("recover_from_intact", False))
+      recover_from_intact=t.get("recover_from_intact", False),
+      # (workdirs written before config.eval existed have none)
+      eval_every=config.eval.every if config.get("eval") is not None else 0)
 
 
 def resume_rules():
@@ -384,12 +386,15 @@ def _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop):
       new = encoder.cache.precompute(mine)
       print(f"Text embedding cache {config.text.cache_dir}: {len(set(mine))} captions, "
             f"{new} newly encoded.", flush=True)
+  import evaluating  # (experiments/; imports this module)
+
+  evaluator = evaluating.training_evaluator(config, model_cfg, encoder, kind)
   try:
     return loop_lib.train(
         workdir, model=unet_lib.UNet(model_cfg), loop=loop, step_settings=steps,
         optimizer=optimizer, data_factory=factory, text_encoder=encoder,
         config_json=config.to_dict(), resume_rules=resume_rules(),
-        stage_kind=kind)
+        stage_kind=kind, evaluator=evaluator)
   except (loop_lib.NonFiniteError, loop_lib.DataRestartError, loop_lib.WorkdirWriteError,
           resume.IncompatibleResumeError, checkpoint.CheckpointError) as e:
     raise UserError(str(e)) from None

@@ -28,6 +28,8 @@ flags.DEFINE_string("rundir", str(ROOT / "runs" / "demo"), "Where the demo write
 flags.DEFINE_string("data_dir", str(ROOT / "data"), "Where the shapes dataset is prepared.")
 flags.DEFINE_float("base_minutes", 7.0, "Training budget of the base stage.")
 flags.DEFINE_float("sr_minutes", 3.0, "Training budget of the super-resolution stage.")
+flags.DEFINE_integer("eval_images_per_prompt", 1, "ShapesEval colour x shape images per "
+                     "prompt scored at the end (0: no score).")
 
 # Held-out colour x shape pairs (diffusion_jax.data.shapes.HELD_OUT_PAIRS) and a few seen.
 PROMPTS = ("a red triangle", "a blue circle", "a green square", "a yellow star",
@@ -90,6 +92,24 @@ def main(argv):
         f"  samples (64 px, after super-resolution): {target}\n"
         f"  base-stage samples (32 px): {pathlib.Path(FLAGS.rundir) / 'samples'}\n"
         f"  training runs: {base}, {sr} (TensorBoard: tensorboard --logdir {FLAGS.rundir})")
+  if FLAGS.eval_images_per_prompt:
+    _print_score(base)
+
+
+def _print_score(base):
+  """ShapesEval colour x shape of the base stage (32 px; the SR stage keeps colour and
+  shape), a modest number of images so the demo stays within its quarter hour."""
+  import evaluating
+
+  from diffusion_jax.evaluation import shapes_eval
+
+  print("[demo] scoring the base stage on ShapesEval colour x shape ...", flush=True)
+  result = evaluating.run_evaluation(  # a UserError: one line, exit 2 (cli.run_main)
+      outdir=str(pathlib.Path(FLAGS.rundir) / "eval"), workdirs=[str(base)],
+      categories=["colour_shape"], images_per_prompt=FLAGS.eval_images_per_prompt,
+      fd_images=0, guidance_scale=["3"])
+  print(f"[demo] ShapesEval {shapes_eval.one_line(result['summary'])} "
+        f"(details: {pathlib.Path(FLAGS.rundir) / 'eval' / 'eval.md'})")
 
 
 if __name__ == "__main__":

@@ -371,42 +371,26 @@ class SampleResult:
   record_path: pathlib.Path | None
 
 
-def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, outdir=None,
-                   seed: int = 0, first_index: int = 0, checkpoint_steps=None,
-                   aug_level=None, export_dir=None, progress=None,
-                   sampler=None, steps=None, guidance_scale=None, guidance_schedule=None,
-                   guidance_min=None, threshold=None, percentile=None, grid=None, rho=None,
-                   eta=None, variance=None, churn=None, churn_tmin=None, churn_tmax=None,
-                   noise_scale=None, clip_guidance_scale: float = 0.0,
-                   clip_checkpoint: str | None = None) -> SampleResult:
-  """Samples ``prompts`` through the cascade of training ``workdirs`` (or exported
-  ``stages``), base stage first, and (with ``outdir``) writes a captioned grid per stage,
-  every image alone and samples.json.
-
-  Every per-stage setting (``SPEC_SETTINGS``, ``SAMPLER_OPTIONS``, ``aug_level`` per
+def prepare_cascade(*, workdirs=(), stages=(), checkpoint_steps=None, aug_level=None,
+                    sampler=None, steps=None, guidance_scale=None, guidance_schedule=None,
+                    guidance_min=None, threshold=None, percentile=None, grid=None, rho=None,
+                    eta=None, variance=None, churn=None, churn_tmin=None, churn_tmax=None,
+                    noise_scale=None, clip_guidance_scale: float = 0.0,
+                    clip_checkpoint: str | None = None):
+  """(Cascade, description per stage, text-encoder description) of training ``workdirs``
+  (or exported ``stages``), base first, with sample.py's settings applied: every
+  per-stage setting (``SPEC_SETTINGS``, ``SAMPLER_OPTIONS``, ``aug_level`` per
   super-resolution stage, ``checkpoint_steps`` per workdir: an int, or None / 'latest')
-  is None (the stage's own), one value for all stages, or a list of one per stage. Image
-  i of the run (``first_index`` + its position) draws its randomness from the seed and i
-  alone. Every value is checked before a checkpoint is read or anything compiles.
+  is None (the stage's own), one value for all stages, or a list of one per stage.
   ``clip_guidance_scale`` > 0 guides the base stage with the (noise-aware) CLIP in
-  ``clip_checkpoint`` (GLIDE's CLIP guidance, diffusion.clip_guidance).
+  ``clip_checkpoint`` (GLIDE's CLIP guidance, diffusion.clip_guidance). Every value is
+  checked before a checkpoint is read or anything compiles (UserError, one line).
   """
-  import shlex
-
-  import jax
-
-  from diffusion_jax import cascade as cascade_lib
-  from diffusion_jax import images
-
   given = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                guidance_schedule=guidance_schedule, guidance_min=guidance_min,
                threshold=threshold, percentile=percentile, grid=grid, rho=rho, eta=eta,
                variance=variance, churn=churn, churn_tmin=churn_tmin, churn_tmax=churn_tmax,
                noise_scale=noise_scale)
-  prompts = read_prompts(prompts, prompts_file)
-  if int(first_index) != first_index or first_index < 0:
-    raise UserError(f"--first_index={first_index}; it must be >= 0 (the index of the "
-                    "first prompt's image in the run).")
   workdirs, stages = list(workdirs or ()), list(stages or ())
   num_stages = len(_stage_sources(workdirs, stages))  # (the per-stage values need it)
   choices = _choices()
@@ -442,6 +426,37 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
   cascade, described, text_meta = load_cascade(
       workdirs, stages, checkpoint_steps=checkpoint_steps, per_stage=per_stage)
   cascade.clip_guide = guide
+  return cascade, described, text_meta
+
+
+def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, outdir=None,
+                   seed: int = 0, first_index: int = 0, export_dir=None, progress=None,
+                   **settings) -> SampleResult:
+  """Samples ``prompts`` through the cascade of training ``workdirs`` (or exported
+  ``stages``), base stage first, and (with ``outdir``) writes a captioned grid per stage,
+  every image alone and samples.json.
+
+  ``settings``: ``prepare_cascade``'s (checkpoint steps, per-stage sampler settings, CLIP
+  guidance). Image i of the run (``first_index`` + its position) draws its randomness from
+  the seed and i alone. Every value is checked before a checkpoint is read or anything
+  compiles.
+  """
+  import shlex
+
+  import jax
+
+  from diffusion_jax import cascade as cascade_lib
+  from diffusion_jax import images
+
+  prompts = read_prompts(prompts, prompts_file)
+  if int(first_index) != first_index or first_index < 0:
+    raise UserError(f"--first_index={first_index}; it must be >= 0 (the index of the "
+                    "first prompt's image in the run).")
+  workdirs, stages = list(workdirs or ()), list(stages or ())
+  cascade, described, text_meta = prepare_cascade(workdirs=workdirs, stages=stages,
+                                                  **settings)
+  clip_scale = float(settings.get("clip_guidance_scale") or 0.0)
+  clip_checkpoint = settings.get("clip_checkpoint")
   if export_dir:
     for i, stage in enumerate(cascade.stages):
       cascade_lib.export_stage(stage, pathlib.Path(export_dir) / f"stage_{i + 1}", text_meta)

@@ -101,6 +101,7 @@ class LoopSettings:
   preview_guidance_scale: float = 3.0
   allow_data_restart: bool = False
   recover_from_intact: bool = False
+  eval_every: int = 0  # steps between calls of train()'s evaluator (0: never)
 
   def __post_init__(self):
     for name in ("num_steps", "batch_size", "resolution", "log_every", "checkpoint_every",
@@ -342,7 +343,8 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
           resume_rules: resume_lib.ResumeRules | None = None,
           log: Callable[[str], None] = print,
           on_step_end: Callable[[int], None] | None = None,
-          stage_kind: stage_kinds.PixelKind | stage_kinds.LatentKind = stage_kinds.PIXEL):
+          stage_kind: stage_kinds.PixelKind | stage_kinds.LatentKind = stage_kinds.PIXEL,
+          evaluator: Callable[[Any, int], dict[str, float]] | None = None):
   """Trains ``model`` in ``workdir`` (resuming if it holds checkpoints).
 
   ``text_encoder``: either a frozen encoder whose ``encode`` runs on the host, on this
@@ -353,7 +355,9 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
   loss. ``on_step_end(step)`` is called after each step's bookkeeping (tests use it).
   ``stage_kind`` (``diffusion_jax.stage_kinds``) turns each global batch into what the
   network consumes (pixels, or a frozen autoencoder's latents: then ``model`` and
-  ``loop.resolution`` are the latent's) and decodes previews.
+  ``loop.resolution`` are the latent's) and decodes previews. ``evaluator(state, step)``,
+  called every ``loop.eval_every`` steps (and at the last), returns scalars for the metric
+  writer (e.g. a small ShapesEval on the EMA params).
 
   ``config_json`` is stored with every checkpoint and, once the run is accepted, as
   ``workdir/config.json``; a resume whose config differs from the checkpoint's beyond
@@ -367,12 +371,13 @@ def train(workdir: str | epath.PathLike, *, model: nn.Module, loop: LoopSettings
     return _train(workdir, model=model, loop=loop, step_settings=step_settings,
                   optimizer=optimizer, data_factory=data_factory, text_encoder=text_encoder,
                   config_json=config_json, resume_rules=resume_rules or resume_lib.ResumeRules(),
-                  log=log, on_step_end=on_step_end, stage_kind=stage_kind)
+                  log=log, on_step_end=on_step_end, stage_kind=stage_kind,
+                  evaluator=evaluator)
 
 
 def _train(workdir: epath.Path, *, model, loop: LoopSettings, step_settings, optimizer,
            data_factory, text_encoder, config_json, resume_rules, log, on_step_end,
-           stage_kind):
+           stage_kind, evaluator):
   mesh = sharding.make_mesh(dict(loop.mesh_axes))
   tx = state_lib.make_optimizer(optimizer)
   trainable_text = _trainable(text_encoder)
@@ -485,6 +490,8 @@ def _train(workdir: epath.Path, *, model, loop: LoopSettings, step_settings, opt
           checkpointer.save(step, state, data.get_state(), config_json)
         if preview is not None and (step % loop.preview_every == 0 or last):
           preview(state, step, writer, workdir)
+        if evaluator is not None and loop.eval_every and (step % loop.eval_every == 0 or last):
+          writer.write(step, evaluator(state, step))
         interval_start += time.time() - pause_start
         if on_step_end is not None:
           on_step_end(step)
