@@ -27,9 +27,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import ablation_runner  # noqa: E402
-import builders  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+import cli  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Sweep config file (configs/sweeps/<name>.py).")
@@ -42,17 +41,17 @@ flags.mark_flags_as_required(["sweep"])
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise cli.UserError(f"Unexpected argument {argv[1]!r}: every setting is a --flag.")
   if FLAGS.verbosity == 0:
     logging.set_verbosity(logging.WARNING)
+  import ablation_runner
+  import builders
+
   builders.setup_compilation_cache()
-  try:
-    ablation_runner.run(FLAGS.sweep, FLAGS.root, report_only=FLAGS.report,
-                        dry_run=FLAGS.dry_run, worker=FLAGS.worker, max_arms=FLAGS.max_arms)
-  except builders.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  ablation_runner.run(FLAGS.sweep, FLAGS.root, report_only=FLAGS.report,
+                      dry_run=FLAGS.dry_run, worker=FLAGS.worker, max_arms=FLAGS.max_arms)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)
