@@ -1,0 +1,1 @@
+"""The ablation harness: sweep declarations, arm claiming, result tables and plots."""

@@ -1,0 +1,261 @@
+"""The body of experiments/ablate.py: a sweep config -> checked arms -> training runs and
+evaluations claimed one at a time -> result.json per arm -> tables and plots.
+
+Every check (axis paths and values against the stages' configs, the evaluation
+settings) runs before anything trains, raising builders.UserError with one line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import builders
+import ml_collections
+from builders import UserError
+
+from diffusion_jax.ablation import claims, report
+from diffusion_jax.ablation import sweep as sweep_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TRAIN_COMPLETE = "train_complete.json"
+
+
+def load_python_config(spec: str, what: str) -> ml_collections.ConfigDict:
+  """``path/to/file.py[:arg]`` -> its get_config(arg) (relative paths from the repo)."""
+  path_text, _, arg = spec.partition(":")
+  path = pathlib.Path(path_text)
+  if not path.is_absolute() and not path.exists():
+    path = ROOT / path
+  if not path.is_file():
+    raise UserError(f"{what} {spec!r}: no such config file.")
+  module_spec = importlib.util.spec_from_file_location(f"_sweep_cfg_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None) if arg else module.get_config()
+  except Exception as e:  # a config file's own error, reported in one line
+    raise UserError(f"{what} {spec!r}: {type(e).__name__}: {e}") from None
+
+
+def load_sweep(spec: str) -> tuple[sweep_lib.Sweep, ml_collections.ConfigDict]:
+  c = load_python_config(spec, "--sweep")
+  as_dict = lambda v: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else dict(v)  # noqa: E731
+  try:
+    sweep = sweep_lib.Sweep.create(
+        name=c.get("name", pathlib.Path(spec.partition(":")[0]).stem),
+        stage_configs=as_dict(c.stages), stage_sets=as_dict(c.get("stage_sets", {})) or None,
+        axes=as_dict(c.get("axes", {})), arms=[as_dict(a) for a in c.get("arms", ())],
+        fixed=as_dict(c.get("fixed", {})))
+  except sweep_lib.SweepError as e:
+    raise UserError(f"--sweep {spec}: {e}") from None
+  return sweep, c
+
+
+def stage_config(sweep: sweep_lib.Sweep, arm: sweep_lib.Arm, stage: str,
+                 cache: dict) -> ml_collections.ConfigDict:
+  """The stage's config file with the arm's overrides of that stage applied (checked)."""
+  spec = sweep.config_file(stage)
+  if spec not in cache:
+    cache[spec] = load_python_config(spec, f"stage {stage!r}")
+  config = ml_collections.ConfigDict(cache[spec].to_dict())  # a copy, unlocked
+  for path, value in sweep.stage_overrides(arm, stage).items():
+    apply_override(config, path, value, f"{stage}.{path}")
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, path: str, value: Any,
+                   shown: str) -> None:
+  *parents, leaf = path.split(".")
+  node = config
+  for i, name in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise UserError(f"axis {shown!r}: the config has no field "
+                      f"{'.'.join(parents[:i + 1])!r}.")
+    node = node[name]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise UserError(f"axis {shown!r}: the config has no field {path!r}.")
+  if isinstance(value, tuple) and not isinstance(node[leaf], tuple):
+    value = list(value)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise UserError(f"axis {shown!r}: value {value!r} does not fit the field ({e}).") \
+        from None
+
+
+def check_stage_config(config: ml_collections.ConfigDict, shown: str) -> None:
+  """The config-only checks of builders (no data, no encoder, nothing compiled)."""
+  try:
+    builders.unet_config(config)
+    builders.step_settings(config)
+    builders.optimizer_settings(config)
+    builders.loop_settings(config)
+  except UserError as e:
+    raise UserError(f"{shown}: {e}") from None
+
+
+def plan(sweep: sweep_lib.Sweep, evaluator) -> list[dict]:
+  """Every arm with its stages' configs and training-run directories, all checked."""
+  cache: dict = {}
+  planned = []
+  for arm in sweep.expand():
+    stages = sweep.stages_of(arm)
+    configs = {}
+    for stage in stages:
+      config = stage_config(sweep, arm, stage, cache)
+      check_stage_config(config, f"arm {arm.name}, stage {stage!r}")
+      configs[stage] = config
+    evaluator.check(arm.sample_overrides, num_stages=len(stages),
+                    shown=f"arm {arm.name}")
+    planned.append({"arm": arm, "stages": stages, "configs": configs,
+                    "runs": {s: sweep.stage_run_name(arm, s) for s in stages}})
+  return planned
+
+
+def _write_json(path: pathlib.Path, record: dict) -> None:
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(json.dumps(record, indent=2, default=str))
+  os.replace(tmp, path)
+
+
+def _train_run(workdir: pathlib.Path, config: ml_collections.ConfigDict, log) -> dict | None:
+  """Trains one stage's run unless finished; None if another worker holds it."""
+  done = workdir / TRAIN_COMPLETE
+  if done.exists():
+    return json.loads(done.read_text())
+  claim = claims.try_claim(workdir / "claim")
+  if claim is None:
+    return None
+  with claim:
+    if done.exists():
+      return json.loads(done.read_text())
+    log(f"training {workdir}")
+    start = time.time()
+    _, summary = builders.run_training(config, str(workdir))
+    steps = _last_step(workdir)
+    record = {"workdir": str(workdir), "steps": steps,
+              "minutes": (time.time() - start) / 60,
+              "images_per_s": summary.get("images_per_s")}
+    _write_json(done, record)
+    return record
+
+
+def _last_step(workdir: pathlib.Path) -> int | None:
+  metrics = workdir / "metrics.jsonl"
+  if not metrics.exists():
+    return None
+  lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+  return lines[-1]["step"] if lines else None
+
+
+def _progress(done: int, running: int, left: int, durations: list[float], log) -> None:
+  eta = ""
+  if durations and left:
+    eta = f", ETA {sum(durations) / len(durations) * left / 60:.1f} min (this worker)"
+  log(f"arms: {done} done, {running} running elsewhere, {left} left{eta}")
+
+
+def run(sweep_spec: str, root: str, *, report_only: bool = False, dry_run: bool = False,
+        worker: str = "", max_arms: int | None = None, evaluator=None, log=None) -> list[dict]:
+  """Runs (or reports) a sweep; returns the finished arms' result records."""
+  import evaluation_adapter
+
+  log = log or (lambda msg: print(f"[ablate{':' + worker if worker else ''}] {msg}",
+                                  flush=True))
+  sweep, c = load_sweep(sweep_spec)
+  sweep_dir = pathlib.Path(root) / sweep.name
+  evaluator = evaluator or evaluation_adapter.ShapesEvaluator(
+      c.get("evaluate", ml_collections.ConfigDict()).to_dict()
+      if "evaluate" in c else {})
+  planned = plan(sweep, evaluator)  # every check, before anything runs
+  if dry_run:
+    for p in planned:
+      log(f"{p['arm'].name}: " + ", ".join(f"{s} <- train/{s}/{r}" for s, r in
+                                           p["runs"].items()))
+    return []
+  if not report_only:
+    _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log)
+  records = report.collect(sweep_dir)
+  if records:
+    write_report(sweep_dir, records, c.get("report", ml_collections.ConfigDict()))
+    log(f"wrote {sweep_dir / 'results.md'}, results.csv and plots/ ({len(records)} arms)")
+  return records
+
+
+def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log) -> None:
+  finished_here, durations = 0, []
+  while True:
+    pending = [p for p in planned
+               if not (sweep_dir / "arms" / p["arm"].name / report.RESULT_FILE).exists()]
+    done = len(planned) - len(pending)
+    running = sum(1 for p in pending if claims.read_claim(
+        sweep_dir / "arms" / p["arm"].name) is not None)
+    _progress(done, running, len(pending) - running, durations, log)
+    if not pending or (max_arms is not None and finished_here >= max_arms):
+      return
+    progressed = False
+    for p in pending:
+      arm_dir = sweep_dir / "arms" / p["arm"].name
+      claim = claims.try_claim(arm_dir, worker=worker)
+      if claim is None:
+        continue
+      with claim:
+        if (arm_dir / report.RESULT_FILE).exists():
+          continue
+        start = time.time()
+        train = {}
+        for stage in p["stages"]:
+          workdir = sweep_dir / "train" / stage / p["runs"][stage]
+          record = _train_run(workdir, p["configs"][stage], log)
+          if record is None:
+            break  # another worker trains it; try another arm meanwhile
+          train[stage] = record
+        if len(train) < len(p["stages"]):
+          continue
+        log(f"evaluating {p['arm'].name}")
+        metrics = evaluator.evaluate([train[s]["workdir"] for s in p["stages"]], arm_dir,
+                                     p["arm"].sample_overrides)
+        arm = p["arm"]
+        _write_json(arm_dir / report.RESULT_FILE, {
+            "name": arm.name, "overrides": list(arm.overrides), "varying": list(arm.varying),
+            "stages": list(p["stages"]), "train": train, "metrics": metrics,
+            "eval_minutes": (time.time() - start) / 60})
+      durations.append(time.time() - start)
+      finished_here += 1
+      progressed = True
+      break
+    if not progressed:
+      log("every pending arm is claimed by another worker; waiting 30 s")
+      time.sleep(30)
+
+
+def write_report(sweep_dir: pathlib.Path, records: list[dict], spec) -> None:
+  """Tables, then plots: every metric against every varying axis; the Pareto fronts and
+  training curves the sweep's ``report`` asks for."""
+  report.write_tables(sweep_dir, records)
+  plots = sweep_dir / "plots"
+  spec = spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else dict(spec)
+  metrics = spec.get("metrics") or sorted({m for r in records for m in r.get("metrics", {})})
+  axes = list(dict.fromkeys(p for r in records for p in r.get("varying", [])))
+  for axis in axes:
+    for metric in metrics:
+      name = f"{metric}_vs_{axis.rsplit('.', 1)[-1]}.png".replace("/", "_")
+      report.plot_metric_vs_axis(records, axis, metric, plots / name)
+  for x_metric, y_metric, label_axis in spec.get("pareto", ()):
+    report.plot_pareto(records, x_metric, y_metric, label_axis,
+                       plots / f"pareto_{y_metric}_vs_{x_metric}.png")
+  series = {}
+  for r in records:
+    for stage, t in r.get("train", {}).items():
+      path = pathlib.Path(t["workdir"]) / "metrics.jsonl"
+      if path.exists():
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        series[f"{stage}/{pathlib.Path(t['workdir']).name}"] = [
+            (x["step"], x["loss"]) for x in lines if "loss" in x]
+  if series:
+    report.plot_curves(series, "step", "training loss", plots / "loss_curves.png")

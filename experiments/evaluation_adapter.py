@@ -1,0 +1,79 @@
+"""What an ablation arm's evaluation is: ShapesEval + FD-probe through
+``evaluating.run_evaluation``, its result flattened to the harness's metrics
+(``{"value", "low", "high"}`` each; ``low``/``high`` the 95% Wilson interval)."""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+
+from builders import UserError
+
+# Evaluation settings a sweep's ``evaluate`` section may hold (run_evaluation's own
+# arguments); ``sample.*`` axes are the sampler flags sample.py takes.
+EVALUATE_KEYS = ("categories", "images_per_prompt", "batch_size", "fd_images", "seed",
+                 "probe_dir", "probe_path")
+
+
+def sampler_flag_names() -> tuple[str, ...]:
+  import sampler_flags
+
+  return tuple(sampler_flags.NAMES)
+
+
+def metrics_of(result: dict) -> dict[str, dict]:
+  """eval.json -> {metric: {"value", "low", "high"}}: per category and split
+  (``colour_shape``, ``colour_shape/held_out``, ...), the overall score, FD-probe."""
+  metrics = {}
+  summary = result["summary"]
+  for category, entry in summary["categories"].items():
+    for split in ("all", "seen", "held_out"):
+      if split in entry:
+        cell = entry[split]
+        name = category if split == "all" else f"{category}/{split}"
+        metrics[name] = {"value": cell["accuracy"], "low": cell["ci95"][0],
+                         "high": cell["ci95"][1]}
+  metrics["overall"] = {"value": summary["overall"], "low": None, "high": None}
+  if result.get("fd_probe"):
+    metrics["fd_probe"] = {"value": result["fd_probe"]["generated_vs_real"], "low": None,
+                           "high": None}
+  return metrics
+
+
+class ShapesEvaluator:
+  """Evaluates an arm's trained stages with the sweep's ``evaluate`` settings and the
+  arm's ``sample.*`` overrides."""
+
+  def __init__(self, settings: dict):
+    unknown = sorted(set(settings) - set(EVALUATE_KEYS))
+    if unknown:
+      raise UserError(f"the sweep's evaluate section has unknown settings {unknown}; "
+                      f"known: {', '.join(EVALUATE_KEYS)}.")
+    self.settings = dict(settings)
+
+  def check(self, sample_overrides: dict, num_stages: int, shown: str) -> None:
+    import evaluating
+
+    known = sampler_flag_names()
+    for name in sample_overrides:
+      if name not in known:
+        raise UserError(f"{shown}: axis 'sample.{name}' is not a sampling setting; choose "
+                        f"one of {', '.join('sample.' + n for n in known)}.")
+    params = inspect.signature(evaluating.run_evaluation).parameters
+    assert all(k in params for k in EVALUATE_KEYS), "run_evaluation's arguments changed"
+
+  def evaluate(self, workdirs: list[str], outdir: pathlib.Path,
+               sample_overrides: dict) -> dict:
+    import evaluating
+
+    kwargs = {k: _as_flag(v) for k, v in sample_overrides.items()}
+    result = evaluating.run_evaluation(outdir=str(outdir), workdirs=list(workdirs),
+                                       **self.settings, **kwargs)
+    return metrics_of(result)
+
+
+def _as_flag(value):
+  """A sweep value as sample.py's flag value: lists (one per stage) as lists of strings."""
+  if isinstance(value, list | tuple):
+    return [str(v) for v in value]
+  return value

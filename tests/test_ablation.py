@@ -1,0 +1,178 @@
+"""The ablation harness's library: sweep expansion and naming, claim files (two processes
+never hold one arm; a killed owner's claim is taken over), result tables and plots."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from local_cluster import env as subprocess_env
+
+from diffusion_jax.ablation import claims, report
+from diffusion_jax.ablation import sweep as sweep_lib
+
+STAGES = {"base": "configs/demo_base.py", "sr": "configs/demo_sr.py"}
+
+
+def test_product_of_axes_and_fixed_overrides():
+  s = sweep_lib.Sweep.create(
+      "w", STAGES, axes={"base.diffusion.weighting": ["uniform", "min_snr"],
+                         "sample.guidance_scale": [1.0, 3.0, 5.0]},
+      fixed={"base.train.num_steps": 10, "sample.guidance_scale": 2.0})
+  arms = s.expand()
+  assert len(arms) == 6
+  assert [a.name for a in arms[:3]] == ["weighting=uniform,guidance_scale=1",
+                                        "weighting=uniform,guidance_scale=3",
+                                        "weighting=uniform,guidance_scale=5"]
+  # The fixed override is in every arm, and an axis overrides a fixed value.
+  assert all(a.value("base.train.num_steps") == 10 for a in arms)
+  assert arms[1].sample_overrides == {"guidance_scale": 3.0}
+  # Arms differing only in sampling settings share their training run; the weighting
+  # axis gives two base runs and one sr run (the sr stage has no override).
+  assert len({a.train_name for a in arms}) == 2
+  assert {s.stage_run_name(a, "base") for a in arms} == {"weighting=uniform",
+                                                         "weighting=min_snr"}
+  assert {s.stage_run_name(a, "sr") for a in arms} == {"default"}
+  assert s.stage_overrides(arms[3], "base") == {"train.num_steps": 10,
+                                                "diffusion.weighting": "min_snr"}
+
+
+def test_explicit_arms_and_stage_sets():
+  s = sweep_lib.Sweep.create(
+      "c", {**STAGES, "base64": "configs/demo_base.py"},
+      stage_sets={"cascade": ["base", "sr"], "single": ["base64"]},
+      arms=[{"stages": "cascade"}, {"stages": "single", "base64.data.resolution": 64}])
+  arms = s.expand()
+  assert [s.stages_of(a) for a in arms] == [("base", "sr"), ("base64",)]
+  assert arms[0].name == "stages=cascade"
+  assert arms[1].name == "stages=single,resolution=64"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(axes={"diffusion.weighting": ["uniform"]}), "'diffusion' is not a stage"),
+    (dict(axes={"weighting": ["uniform"]}), "must be '<stage>.<config field>'"),
+    (dict(axes={"base.diffusion.weighting": []}), "has no values"),
+    (dict(axes={"sample.steps": [5, 5]}), "repeats a value"),
+    (dict(axes={"stages": ["nope"]}), "stages='nope' is not a stage set"),
+    (dict(), "declares no axes and no arms"),
+    (dict(stage_sets={"x": ["base", "ghost"]}, axes={"sample.steps": [1]}),
+     "names stages ['ghost']"),
+])
+def test_bad_declarations_are_refused_in_one_line(kwargs, message):
+  with pytest.raises(sweep_lib.SweepError) as e:
+    sweep_lib.Sweep.create("bad", STAGES, **kwargs)
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_arm_names_stay_distinct_when_long_or_ambiguous():
+  s = sweep_lib.Sweep.create("n", STAGES, axes={"base.train.seed": [0, 1],
+                                                "sr.train.seed": [0, 1]})
+  names = [a.name for a in s.expand()]
+  assert len(set(names)) == 4  # two fields named "seed": hashed apart
+
+
+def test_claim_is_exclusive_and_released(tmp_path):
+  first = claims.try_claim(tmp_path / "arm")
+  assert first is not None
+  assert claims.try_claim(tmp_path / "arm") is None
+  first.release()
+  again = claims.try_claim(tmp_path / "arm")
+  assert again is not None
+  again.release()
+
+
+def test_stale_heartbeat_is_taken_over(tmp_path):
+  (tmp_path / "arm").mkdir()
+  record = {"host": "another-host", "pid": 1, "heartbeat": time.time() - 1000, "token": "x"}
+  (tmp_path / "arm" / claims.CLAIM_FILE).write_text(json.dumps(record))
+  assert claims.try_claim(tmp_path / "arm", lease_s=60) is not None
+  record["heartbeat"] = time.time()
+  (tmp_path / "arm" / claims.CLAIM_FILE).write_text(json.dumps(record))
+  assert claims.try_claim(tmp_path / "arm2", lease_s=60) is not None  # other dir: free
+
+
+_CLAIMER = """
+import os, sys, time
+from diffusion_jax.ablation import claims
+root, me = sys.argv[1], sys.argv[2]
+for i in range(40):
+    c = claims.try_claim(f"{root}/arm{i}", worker=me)
+    if c is None:
+        continue
+    with c:  # as ablate.py does: a finished arm is skipped under its claim
+        if os.path.exists(f"{root}/arm{i}/done"):
+            continue
+        with open(f"{root}/arm{i}/ran_by_{me}", "w") as f:
+            f.write("x")
+        time.sleep(0.01)
+        open(f"{root}/arm{i}/done", "w").close()
+"""
+
+_HOLDER = """
+import sys, time
+from diffusion_jax.ablation import claims
+c = claims.try_claim(sys.argv[1], lease_s=3600)
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_two_processes_never_run_the_same_arm(tmp_path):
+  procs = [subprocess.Popen([sys.executable, "-c", _CLAIMER, str(tmp_path), name],
+                            env=subprocess_env()) for name in ("a", "b")]
+  for p in procs:
+    assert p.wait(timeout=120) == 0
+  for i in range(40):
+    ran = sorted(f.name for f in (tmp_path / f"arm{i}").glob("ran_by_*"))
+    assert len(ran) == 1, (i, ran)
+
+
+def test_a_killed_owners_claim_is_taken_over(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path / "arm")],
+                            env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "claimed"
+  assert claims.try_claim(tmp_path / "arm", lease_s=3600) is None  # alive: refused
+  os.kill(holder.pid, signal.SIGKILL)
+  holder.wait()
+  claim = claims.try_claim(tmp_path / "arm", lease_s=3600)
+  assert claim is not None and claim.record["pid"] == os.getpid()
+  claim.release()
+
+
+def _record(name, scale, acc, fd):
+  return {"name": name, "overrides": [["sample.guidance_scale", scale]],
+          "varying": ["sample.guidance_scale"],
+          "train": {"base": {"workdir": "w", "steps": 10, "minutes": 1.5}},
+          "metrics": {"accuracy": {"value": acc, "low": acc - 0.1, "high": acc + 0.1},
+                      "fd_probe": {"value": fd, "low": None, "high": None}}}
+
+
+def test_tables_and_plots(tmp_path):
+  records = [_record("g1", 1.0, 0.5, 3.0), _record("g3", 3.0, 0.8, 4.0),
+             _record("g5", 5.0, 0.7, 6.0)]
+  md, csv_path = report.write_tables(tmp_path, records)
+  lines = md.read_text().splitlines()
+  assert lines[0] == ("| arm | sample.guidance_scale | train_steps | train_minutes | accuracy "
+                      "| fd_probe |")
+  assert lines[3] == "| g3 | 3 | 10 | 1.5 | 0.8 [0.7, 0.9] | 4 |"
+  rows = csv_path.read_text().splitlines()
+  assert rows[0].endswith("accuracy,accuracy_low,accuracy_high,fd_probe,fd_probe_low,"
+                          "fd_probe_high")
+  assert rows[2].split(",")[-6:-3] == ["0.8", "0.7000000000000001", "0.9"]
+  for path in (report.plot_metric_vs_axis(records, "sample.guidance_scale", "accuracy",
+                                          tmp_path / "a.png"),
+               report.plot_pareto(records, "fd_probe", "accuracy", "sample.guidance_scale",
+                                  tmp_path / "p.png"),
+               report.plot_curves({"x": [(0, 1.0), (1, 0.5)]}, "step", "loss",
+                                  tmp_path / "c.png")):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front():
+  points = [(3.0, 0.5), (4.0, 0.8), (6.0, 0.7), (5.0, 0.9), (2.0, 0.4)]
+  # Lower x and higher y are better: (6, 0.7) is dominated by (4, 0.8) and (5, 0.9).
+  assert report.pareto_front(points) == [(2.0, 0.4), (3.0, 0.5), (4.0, 0.8), (5.0, 0.9)]
+  assert report.pareto_front(points, lower_x_is_better=False) == [(5.0, 0.9), (6.0, 0.7)]
