@@ -174,7 +174,7 @@ MAY_CHANGE_ON_RESUME = (
     "optimizer.final_lr_fraction",
     "model.remat",
     "data.data_dir", "data.source_dir", "data.prepare", "text.cache_dir",
-    "mesh.*", "distributed.*",
+    "mesh.*", "distributed.*", "eval.*",
 )
 # Dict-valued fields with free-form keys, compared as one value on resume.
 COMPARED_WHOLE_ON_RESUME = ("diffusion.schedule_kwargs", "diffusion.lowres_schedule_kwargs")
