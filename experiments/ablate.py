@@ -3,7 +3,8 @@ r"""Runs a sweep declared in a config file: arms trained, evaluated, resumed and
   python experiments/ablate.py --sweep=configs/sweeps/guidance.py --root=runs/sweeps
   python experiments/ablate.py --sweep=configs/sweeps/guidance.py --root=runs/sweeps --report
 
-A sweep file's ``get_config()`` holds: ``stages`` (stage name -> config file),
+A sweep file's ``get_config()`` returns a dict (override paths have dots, which ConfigDict
+keys cannot) holding: ``stages`` (stage name -> config file),
 optionally ``stage_sets`` (name -> stage names, base first), ``axes`` (path -> values,
 their product) and/or ``arms`` (explicit override dicts), ``fixed`` (overrides of every
 arm), ``evaluate`` (ShapesEval settings of every arm) and ``report`` (plots). Paths are

@@ -42,13 +42,20 @@ def load_python_config(spec: str, what: str) -> ml_collections.ConfigDict:
     raise UserError(f"{what} {spec!r}: {type(e).__name__}: {e}") from None
 
 
-def load_sweep(spec: str) -> tuple[sweep_lib.Sweep, ml_collections.ConfigDict]:
+def load_sweep(spec: str) -> tuple[sweep_lib.Sweep, dict]:
+  """A sweep file's get_config(): a plain dict (its override paths have dots, which
+  ConfigDict keys cannot)."""
   c = load_python_config(spec, "--sweep")
-  as_dict = lambda v: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else dict(v)  # noqa: E731
+  if isinstance(c, ml_collections.ConfigDict):
+    c = c.to_dict()
+  if not isinstance(c, dict) or "stages" not in c:
+    raise UserError(f"--sweep {spec}: get_config() must return a dict with 'stages' (stage "
+                    "name -> config file) and 'axes' and/or 'arms'.")
+  as_dict = dict
   try:
     sweep = sweep_lib.Sweep.create(
         name=c.get("name", pathlib.Path(spec.partition(":")[0]).stem),
-        stage_configs=as_dict(c.stages), stage_sets=as_dict(c.get("stage_sets", {})) or None,
+        stage_configs=as_dict(c["stages"]), stage_sets=as_dict(c.get("stage_sets", {})) or None,
         axes=as_dict(c.get("axes", {})), arms=[as_dict(a) for a in c.get("arms", ())],
         fixed=as_dict(c.get("fixed", {})))
   except sweep_lib.SweepError as e:
@@ -169,9 +176,7 @@ def run(sweep_spec: str, root: str, *, report_only: bool = False, dry_run: bool 
                                   flush=True))
   sweep, c = load_sweep(sweep_spec)
   sweep_dir = pathlib.Path(root) / sweep.name
-  evaluator = evaluator or evaluation_adapter.ShapesEvaluator(
-      c.get("evaluate", ml_collections.ConfigDict()).to_dict()
-      if "evaluate" in c else {})
+  evaluator = evaluator or evaluation_adapter.ShapesEvaluator(dict(c.get("evaluate", {})))
   planned = plan(sweep, evaluator)  # every check, before anything runs
   if dry_run:
     for p in planned:
@@ -182,7 +187,7 @@ def run(sweep_spec: str, root: str, *, report_only: bool = False, dry_run: bool 
     _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log)
   records = report.collect(sweep_dir)
   if records:
-    write_report(sweep_dir, records, c.get("report", ml_collections.ConfigDict()))
+    write_report(sweep_dir, records, c.get("report", {}))
     log(f"wrote {sweep_dir / 'results.md'}, results.csv and plots/ ({len(records)} arms)")
   return records
 
@@ -239,7 +244,7 @@ def write_report(sweep_dir: pathlib.Path, records: list[dict], spec) -> None:
   training curves the sweep's ``report`` asks for."""
   report.write_tables(sweep_dir, records)
   plots = sweep_dir / "plots"
-  spec = spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else dict(spec)
+  spec = dict(spec)
   metrics = spec.get("metrics") or sorted({m for r in records for m in r.get("metrics", {})})
   axes = list(dict.fromkeys(p for r in records for p in r.get("varying", [])))
   for axis in axes:

@@ -52,15 +52,36 @@ class ShapesEvaluator:
     self.settings = dict(settings)
 
   def check(self, sample_overrides: dict, num_stages: int, shown: str) -> None:
+    """Refuses an unknown ``sample.*`` name or a value sample.py would refuse (parsed per
+    stage as sampling parses it, and each stage's settings checked on a stand-in spec),
+    before anything trains."""
     import evaluating
+    import sampling
 
-    known = sampler_flag_names()
+    from diffusion_jax import cascade
+
+    known = [n for n in sampler_flag_names() if n not in ("workdirs", "stages")]
     for name in sample_overrides:
       if name not in known:
         raise UserError(f"{shown}: axis 'sample.{name}' is not a sampling setting; choose "
                         f"one of {', '.join('sample.' + n for n in known)}.")
     params = inspect.signature(evaluating.run_evaluation).parameters
     assert all(k in params for k in EVALUATE_KEYS), "run_evaluation's arguments changed"
+    settings = {k: _as_flag(v) for k, v in sample_overrides.items()
+                if k not in ("seed", "clip_guidance_scale", "clip_checkpoint")}
+    try:
+      per_stage, _ = sampling.stage_settings(num_stages, num_workdirs=num_stages, **settings)
+      for own in per_stage:
+        own = {k: v for k, v in own.items() if v is not None}
+        own["sampler_options"] = tuple(own.get("sampler_options", {}).items())
+        # (diffusers' spacings need a discrete schedule: the stand-in's is continuous, so
+        # a grid kind is checked when the arm's own stages load)
+        own.pop("grid_kind", None)
+        cascade.StageSpec(resolution=32, **own)
+    except UserError as e:
+      raise UserError(f"{shown}: {e}") from None
+    except ValueError as e:
+      raise UserError(f"{shown}: a sample.* value is refused: {e}") from None
 
   def evaluate(self, workdirs: list[str], outdir: pathlib.Path,
                sample_overrides: dict) -> dict:

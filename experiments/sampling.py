@@ -371,28 +371,22 @@ class SampleResult:
   record_path: pathlib.Path | None
 
 
-def prepare_cascade(*, workdirs=(), stages=(), checkpoint_steps=None, aug_level=None,
-                    sampler=None, steps=None, guidance_scale=None, guidance_schedule=None,
-                    guidance_min=None, threshold=None, percentile=None, grid=None, rho=None,
-                    eta=None, variance=None, churn=None, churn_tmin=None, churn_tmax=None,
-                    noise_scale=None, clip_guidance_scale: float = 0.0,
-                    clip_checkpoint: str | None = None):
-  """(Cascade, description per stage, text-encoder description) of training ``workdirs``
-  (or exported ``stages``), base first, with sample.py's settings applied: every
-  per-stage setting (``SPEC_SETTINGS``, ``SAMPLER_OPTIONS``, ``aug_level`` per
-  super-resolution stage, ``checkpoint_steps`` per workdir: an int, or None / 'latest')
-  is None (the stage's own), one value for all stages, or a list of one per stage.
-  ``clip_guidance_scale`` > 0 guides the base stage with the (noise-aware) CLIP in
-  ``clip_checkpoint`` (GLIDE's CLIP guidance, diffusion.clip_guidance). Every value is
-  checked before a checkpoint is read or anything compiles (UserError, one line).
-  """
+def stage_settings(num_stages: int, *, num_workdirs: int = 0, checkpoint_steps=None,
+                   aug_level=None, sampler=None, steps=None, guidance_scale=None,
+                   guidance_schedule=None, guidance_min=None, threshold=None, percentile=None,
+                   grid=None, rho=None, eta=None, variance=None, churn=None, churn_tmin=None,
+                   churn_tmax=None, noise_scale=None):
+  """(StageSpec overrides per stage, checkpoint steps per workdir or None) from sample.py's
+  settings: each per-stage setting (``SPEC_SETTINGS``, ``SAMPLER_OPTIONS``, ``aug_level``
+  per super-resolution stage, ``checkpoint_steps`` per workdir: an int, or None /
+  'latest') is None (the stage's own), one value for all stages, or a list of one per
+  stage. Parsing and choices are checked here (UserError, one line); the values against
+  each stage when its spec is built."""
   given = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                guidance_schedule=guidance_schedule, guidance_min=guidance_min,
                threshold=threshold, percentile=percentile, grid=grid, rho=rho, eta=eta,
                variance=variance, churn=churn, churn_tmin=churn_tmin, churn_tmax=churn_tmax,
                noise_scale=noise_scale)
-  workdirs, stages = list(workdirs or ()), list(stages or ())
-  num_stages = len(_stage_sources(workdirs, stages))  # (the per-stage values need it)
   choices = _choices()
   per_stage = [{} for _ in range(num_stages)]
   for flag, (field, parse) in SPEC_SETTINGS.items():
@@ -417,10 +411,25 @@ def prepare_cascade(*, workdirs=(), stages=(), checkpoint_steps=None, aug_level=
     own["aug_level"] = level
   if not _given(checkpoint_steps):
     checkpoint_steps = None
-  elif workdirs:
+  elif num_workdirs:
     checkpoint_steps = per_stage_values(
-        "--checkpoint_steps", checkpoint_steps, len(workdirs), what="workdir",
+        "--checkpoint_steps", checkpoint_steps, num_workdirs, what="workdir",
         parse=lambda v: None if v == "latest" else int(v))
+  return per_stage, checkpoint_steps
+
+
+def prepare_cascade(*, workdirs=(), stages=(), clip_guidance_scale: float = 0.0,
+                    clip_checkpoint: str | None = None, **settings):
+  """(Cascade, description per stage, text-encoder description) of training ``workdirs``
+  (or exported ``stages``), base first, with sample.py's settings (``stage_settings``)
+  applied. ``clip_guidance_scale`` > 0 guides the base stage with the (noise-aware) CLIP
+  in ``clip_checkpoint`` (GLIDE's CLIP guidance, diffusion.clip_guidance). Every value is
+  checked before a checkpoint is read or anything compiles (UserError, one line).
+  """
+  workdirs, stages = list(workdirs or ()), list(stages or ())
+  num_stages = len(_stage_sources(workdirs, stages))  # (the per-stage values need it)
+  per_stage, checkpoint_steps = stage_settings(num_stages, num_workdirs=len(workdirs),
+                                               **settings)
   clip_scale = float(clip_guidance_scale or 0.0)
   guide = clip_guide(clip_checkpoint, clip_scale) if clip_scale else None
   cascade, described, text_meta = load_cascade(

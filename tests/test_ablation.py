@@ -3,7 +3,9 @@ never hold one arm; a killed owner's claim is taken over), result tables and plo
 
 import json
 import os
+import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -176,3 +178,103 @@ def test_pareto_front():
   # Lower x and higher y are better: (6, 0.7) is dominated by (4, 0.8) and (5, 0.9).
   assert report.pareto_front(points) == [(2.0, 0.4), (3.0, 0.5), (4.0, 0.8), (5.0, 0.9)]
   assert report.pareto_front(points, lower_x_is_better=False) == [(5.0, 0.9), (6.0, 0.7)]
+
+
+# ---------------------------------------------------------------------------------------
+# experiments/ablate.py: the shipped sweeps check; a two-arm sweep of a tiny stage runs,
+# reports, skips its finished arms and resumes one whose worker was killed.
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+
+# demo_base:smoke at 8 px with the offline T5: trains in seconds.
+TINY_FIXED = """{
+    "base.data.resolution": 8,
+    "base.diffusion.schedule_kwargs.shifted_cosine.resolution": 8,
+    "base.diffusion.schedule_kwargs.shifted_cosine.base_resolution": 8,
+    "base.text.encoder": "t5-offline", "base.text.max_length": 32, "base.text.cache_dir": "",
+    "base.train.batch_size": 4, "base.train.num_steps": 2, "base.train.preview_every": 0,
+    "base.data.data_dir": %r, "sample.steps": 2}"""
+
+SWEEP = """def get_config():
+  return {"name": "tiny", "stages": {"base": "configs/demo_base.py:smoke"},
+          "fixed": %s, "axes": {%s: [1.0, 2.0]},
+          "evaluate": {"categories": ["colour_shape"], "images_per_prompt": 1,
+                       "fd_images": 0, "batch_size": 48, "probe_path": %r}}
+"""
+
+
+def _sweep_file(tmp_path, axis='"sample.guidance_scale"'):
+  import probe_helpers
+
+  _, probe_path = probe_helpers.tiny_probe()
+  path = tmp_path / "tiny_sweep.py"
+  path.write_text(SWEEP % (TINY_FIXED % str(tmp_path / "data"), axis, str(probe_path)))
+  return path
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs" / "sweeps").glob(
+    "*.py") if p.stem != "__init__"))
+def test_shipped_sweeps_plan_without_errors(name):
+  import ablation_runner
+
+  ablation_runner.run(f"configs/sweeps/{name}.py", "unused", dry_run=True, log=lambda m: None)
+
+
+@pytest.mark.parametrize("axis,message", [
+    ('"base.diffusion.weightin"', "axis 'base.diffusion.weightin': the config has no field"),
+    ('"sample.sampler"', "arm guidance_scale"),  # a value no sampler has (below)
+])
+def test_a_bad_axis_is_refused_before_anything_runs(tmp_path, axis, message):
+  from cli_helpers import one_error_line
+
+  sweep = _sweep_file(tmp_path, axis)
+  if axis == '"sample.sampler"':  # sampler names 1.0 and 2.0 do not exist
+    message = "--sampler=1.0"
+  r = subprocess.run([sys.executable, str(ROOT / "experiments" / "ablate.py"),
+                      f"--sweep={sweep}", f"--root={tmp_path / 'runs'}"],
+                     capture_output=True, text=True, timeout=600, env=subprocess_env())
+  assert message in one_error_line(r)
+  assert not (tmp_path / "runs").exists()
+
+
+def test_two_arm_sweep_runs_reports_skips_and_resumes(tmp_path):
+  import ablation_runner
+
+  sweep = _sweep_file(tmp_path)
+  logs = []
+  records = ablation_runner.run(str(sweep), str(tmp_path / "runs"), log=logs.append)
+  root = tmp_path / "runs" / "tiny"
+  assert [r["name"] for r in records] == ["guidance_scale=1", "guidance_scale=2"]
+  # One training run shared by both arms (they differ only in a sampling setting).
+  assert [p.name for p in (root / "train" / "base").iterdir()] == ["default"]
+  assert sum("training" in m for m in logs) == 1
+  for r in records:
+    assert 0.0 <= r["metrics"]["colour_shape"]["value"] <= 1.0
+    assert r["metrics"]["colour_shape"]["low"] <= r["metrics"]["colour_shape"]["value"]
+    assert r["train"]["base"]["steps"] == 2
+  table = (root / "results.md").read_text().splitlines()
+  assert len(table) == 4 and table[2].startswith("| guidance_scale=1 | 1 | 2 |")
+  assert (root / "plots" / "colour_shape_vs_guidance_scale.png").stat().st_size > 0
+  assert (root / "plots" / "loss_curves.png").stat().st_size > 0
+  # Re-running finds every arm finished and runs nothing.
+  stamps = {p: p.stat().st_mtime_ns for p in root.rglob("result.json")}
+  logs.clear()
+  ablation_runner.run(str(sweep), str(tmp_path / "runs"), log=logs.append)
+  assert logs[0] == "arms: 2 done, 0 running elsewhere, 0 left"
+  assert {p: p.stat().st_mtime_ns for p in root.rglob("result.json")} == stamps
+  # A worker killed in the middle of an arm leaves its claim and no result: the next run
+  # takes the dead worker's claim over and finishes that arm alone.
+  arm = root / "arms" / "guidance_scale=2"
+  (arm / "result.json").unlink()
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (arm / claims.CLAIM_FILE).write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time(),
+       "token": "dead"}))
+  logs.clear()
+  records = ablation_runner.run(str(sweep), str(tmp_path / "runs"), log=logs.append)
+  assert logs[0] == "arms: 1 done, 1 running elsewhere, 0 left"
+  assert [m for m in logs if m.startswith("evaluating")] == ["evaluating guidance_scale=2"]
+  assert not any(m.startswith("training") for m in logs)
+  assert len(records) == 2 and (arm / "result.json").exists()

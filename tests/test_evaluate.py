@@ -35,8 +35,8 @@ def _evaluate(*args, cwd=ROOT):
 def _tiny_config():
   config = demo_base.get_config("smoke")
   config.data.resolution = 8
-  config.diffusion.schedule_kwargs.resolution = 8
-  config.diffusion.schedule_kwargs.base_resolution = 8
+  config.diffusion.schedule_kwargs.shifted_cosine.resolution = 8
+  config.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 8
   config.text.encoder, config.text.max_length, config.text.cache_dir = "t5-offline", 32, None
   config.train.batch_size, config.train.num_steps = 4, 2
   config.train.checkpoint_every, config.train.preview_every = 1, 0

@@ -110,6 +110,8 @@ def test_wilson_interval(k, n):
   ref_low, ref_high = _wilson_by_bisection(k, n)
   assert low == pytest.approx(ref_low, abs=1e-9) and high == pytest.approx(ref_high, abs=1e-9)
   assert shapes_eval.wilson_interval(0, 0) == (0.0, 1.0)
+  assert shapes_eval.wilson_interval(0, 48)[0] == 0.0  # exactly, not a rounding error above
+  assert shapes_eval.wilson_interval(48, 48)[1] == 1.0
 
 
 def _fake_sampler(calls):

@@ -7,17 +7,14 @@ One training run of each stage (the demo's budgets), then seven evaluations: gui
 on the base stage only (the super-resolution stage at 1, as the demo samples).
 """
 
-import ml_collections
-
-
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.name = "guidance"
-  c.stages = {"base": "configs/demo_base.py", "sr": "configs/demo_sr.py"}
-  c.fixed = {"base.train.time_budget_s": 420.0, "sr.train.time_budget_s": 180.0,
-             "sample.sampler": "dpmpp_2m", "sample.steps": 25}
-  c.axes = {"sample.guidance_scale": [[w, 1.0] for w in (0.0, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0)]}
-  c.evaluate = {"categories": ["colour_shape"], "images_per_prompt": 2, "fd_images": 96}
-  c.report = {"metrics": ["colour_shape", "colour_shape/held_out", "fd_probe"],
-              "pareto": [("fd_probe", "colour_shape", "sample.guidance_scale")]}
+  c = {}
+  c["name"] = "guidance"
+  c["stages"] = {"base": "configs/demo_base.py", "sr": "configs/demo_sr.py"}
+  c["fixed"] = {"base.train.time_budget_s": 420.0, "sr.train.time_budget_s": 180.0,
+                "sample.sampler": "dpmpp_2m", "sample.steps": 25}
+  c["axes"] = {"sample.guidance_scale": [[w, 1.0] for w in (0.0, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0)]}
+  c["evaluate"] = {"categories": ["colour_shape"], "images_per_prompt": 2, "fd_images": 96}
+  c["report"] = {"metrics": ["colour_shape", "colour_shape/held_out", "fd_probe"],
+                 "pareto": [("fd_probe", "colour_shape", "sample.guidance_scale")]}
   return c

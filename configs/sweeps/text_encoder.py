@@ -8,20 +8,17 @@ The base stage alone (a jointly trained encoder is sampled alone), 15 minutes ea
 scenes of up to two objects so binding is learnable.
 """
 
-import ml_collections
-
-
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.name = "text_encoder"
-  c.stages = {"base": "configs/demo_base.py"}
-  c.fixed = {"base.train.time_budget_s": 900.0, "base.data.shapes_max_objects": 2,
-             "sample.guidance_scale": 3.0, "sample.sampler": "dpmpp_2m", "sample.steps": 25}
-  c.arms = [{"base.text.encoder": "minilm-l6-offline"},
-            {"base.text.encoder": "t5-offline"},
-            {"base.text.encoder": "t5-offline", "base.text.trainable": True,
-             "base.text.cache_dir": ""}]
-  c.evaluate = {"categories": ["colour_shape", "binding"], "images_per_prompt": 2,
-                "fd_images": 0}
-  c.report = {"metrics": ["colour_shape/held_out", "binding"]}
+  c = {}
+  c["name"] = "text_encoder"
+  c["stages"] = {"base": "configs/demo_base.py"}
+  c["fixed"] = {"base.train.time_budget_s": 900.0, "base.data.shapes_max_objects": 2,
+                "sample.guidance_scale": 3.0, "sample.sampler": "dpmpp_2m", "sample.steps": 25}
+  c["arms"] = [{"base.text.encoder": "minilm-l6-offline"},
+               {"base.text.encoder": "t5-offline"},
+               {"base.text.encoder": "t5-offline", "base.text.trainable": True,
+                "base.text.cache_dir": ""}]
+  c["evaluate"] = {"categories": ["colour_shape", "binding"], "images_per_prompt": 2,
+                   "fd_images": 0}
+  c["report"] = {"metrics": ["colour_shape/held_out", "binding"]}
   return c

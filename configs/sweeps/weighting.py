@@ -8,18 +8,15 @@ the checkpoint axis evaluates the same run at several points (one training run p
 weighting, shared by its checkpoints).
 """
 
-import ml_collections
-
-
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.name = "weighting"
-  c.stages = {"base": "configs/demo_base.py"}
-  c.fixed = {"base.train.time_budget_s": 900.0, "base.train.num_steps": 1500,
-             "base.train.checkpoint_every": 250, "base.train.keep_checkpoints": 10,
-             "sample.guidance_scale": 3.0, "sample.sampler": "dpmpp_2m", "sample.steps": 25}
-  c.axes = {"base.diffusion.weighting": ["uniform", "min_snr", "edm"],
-            "sample.checkpoint_steps": [250, 500, 1000, 1500]}
-  c.evaluate = {"categories": ["colour_shape"], "images_per_prompt": 2, "fd_images": 0}
-  c.report = {"metrics": ["colour_shape", "colour_shape/held_out"]}
+  c = {}
+  c["name"] = "weighting"
+  c["stages"] = {"base": "configs/demo_base.py"}
+  c["fixed"] = {"base.train.time_budget_s": 900.0, "base.train.num_steps": 1500,
+                "base.train.checkpoint_every": 250, "base.train.keep_checkpoints": 10,
+                "sample.guidance_scale": 3.0, "sample.sampler": "dpmpp_2m", "sample.steps": 25}
+  c["axes"] = {"base.diffusion.weighting": ["uniform", "min_snr", "edm"],
+               "sample.checkpoint_steps": [250, 500, 1000, 1500]}
+  c["evaluate"] = {"categories": ["colour_shape"], "images_per_prompt": 2, "fd_images": 0}
+  c["report"] = {"metrics": ["colour_shape", "colour_shape/held_out"]}
   return c

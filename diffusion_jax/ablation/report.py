@@ -131,9 +131,10 @@ def plot_metric_vs_axis(records: Sequence[dict], axis: str, metric: str,
     points.sort(key=lambda p: _numeric(p[0]) if numeric else str(p[0]))
     xs = [_numeric(v) if numeric else str(v) for v, _ in points]
     ys = [float(m["value"]) for _, m in points]
-    errs = [[y - float(m["low"]) if m.get("low") is not None else 0.0
+    # (clipped at 0: a Wilson bound can sit a rounding error past the value at 0 or 1)
+    errs = [[max(0.0, y - float(m["low"])) if m.get("low") is not None else 0.0
              for y, (_, m) in zip(ys, points, strict=True)],
-            [float(m["high"]) - y if m.get("high") is not None else 0.0
+            [max(0.0, float(m["high"]) - y) if m.get("high") is not None else 0.0
              for y, (_, m) in zip(ys, points, strict=True)]]
     ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label or None)
   ax.set_xlabel(axis)

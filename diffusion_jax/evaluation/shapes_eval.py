@@ -175,7 +175,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
   denom = 1 + z * z / n
   centre = (p + z * z / (2 * n)) / denom
   half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-  return max(0.0, centre - half), min(1.0, centre + half)
+  # At k = 0 (k = n) the bound is exactly 0 (1); computed, it is off by a rounding error.
+  low = 0.0 if successes == 0 else max(0.0, centre - half)
+  high = 1.0 if successes == n else min(1.0, centre + half)
+  return low, high
 
 
 def _cell(hits: list[bool]) -> dict:
