@@ -11,37 +11,17 @@ configs/autoencoder_shapes.py (the U-Net diffuses 16x16x4 latents; sampling deco
 directory, e.g. an SD VAE's vae/). `:smoke` shrinks it to two steps at 16 px (4x4 latents).
 """
 
-from configs import common
+from configs import demo_base
 
 
 def get_config(arg=None):
   if arg not in (None, "smoke"):
     raise ValueError(f"configs/latent_shapes.py takes no argument or ':smoke', got {arg!r}.")
-  c = common.get_config()
+  # The demo base stage's recipe (and its :smoke sizes), diffusing the autoencoder's latents.
+  c = demo_base.get_config(arg)
   c.autoencoder.directory = "runs/ae_shapes/autoencoder"
-  c.model.preset = "demo_base"
   # The schedule sees the 16 px latent, not the 64 px image: no resolution shift.
   c.diffusion.schedule_kwargs.shifted_cosine.resolution = 16
   c.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 16
-  c.data.resolution = 64
-  c.data.shapes_num_train = 20_000
-  c.data.shapes_max_objects = 1
-  c.text.cache_dir = "data/text_cache"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 100
-  c.train.batch_size = 32
-  c.train.num_steps = 3000
-  c.train.time_budget_s = 480.0
-  c.train.ema_decay = 0.995
-  c.train.checkpoint_every = 250
-  c.train.preview_every = 500
-  if arg == "smoke":
-    c.data.resolution = 16
-    c.data.shapes_num_train = 256
-    c.train.batch_size = 8
-    c.train.num_steps = 2
-    c.train.time_budget_s = None
-    c.train.log_every = 1
-    c.train.preview_every = 2
-    c.train.preview_steps = 3
+  c.data.resolution = 16 if arg == "smoke" else 64
   return c

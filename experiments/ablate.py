@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402
-from absl import flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Sweep config file (configs/sweeps/<name>.py).")
@@ -42,14 +42,9 @@ flags.mark_flags_as_required(["sweep"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected argument {argv[1]!r}: every setting is a --flag.")
-  if FLAGS.verbosity == 0:
-    logging.set_verbosity(logging.WARNING)
+  cli.begin(argv)
   import ablation_runner
-  import builders
 
-  builders.setup_compilation_cache()
   ablation_runner.run(FLAGS.sweep, FLAGS.root, report_only=FLAGS.report,
                       dry_run=FLAGS.dry_run, worker=FLAGS.worker, max_arms=FLAGS.max_arms)
 

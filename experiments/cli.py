@@ -97,6 +97,22 @@ def parse_flags(argv: list[str]) -> list[str]:
     exit_with_error(flag_error_line(e, argv))
 
 
+def begin(argv: list[str]) -> None:
+  """The start of every absl script's main: refuses stray arguments (an unquoted prompt
+  would otherwise be dropped silently), keeps absl's INFO logging (orbax logs every save)
+  off the console unless --verbosity asks, and turns on the persistent compilation
+  cache."""
+  if len(argv) > 1:
+    raise UserError(f"Unexpected argument {argv[1]!r}: every setting is a --flag.")
+  from absl import flags, logging
+
+  if flags.FLAGS.verbosity == 0:
+    logging.set_verbosity(logging.WARNING)
+  import builders
+
+  builders.setup_compilation_cache()
+
+
 def run_main(main) -> None:
   """``app.run(main)`` with bad flags (``parse_flags``) and a ``UserError`` from ``main``
   reported as one line, exit 2; a training run stopped by SIGTERM exits 3."""

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
-from absl import flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", None, "Train each stage up to this step instead of by time.")
@@ -64,18 +64,13 @@ def _train_stage(name, minutes):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected argument {argv[1]!r}: every setting is a --flag.")
   for name in ("steps", "base_minutes", "sr_minutes"):
     value = FLAGS[name].value
     if value is not None and value <= 0:
       raise cli.UserError(f"--{name}={value}; it must be positive.")
-  if FLAGS.verbosity == 0:
-    logging.set_verbosity(logging.WARNING)
-  import builders
+  cli.begin(argv)
   import sampling
 
-  builders.setup_compilation_cache()
   start = time.time()
   base = _train_stage("base", FLAGS.base_minutes)
   sr = _train_stage("sr", FLAGS.sr_minutes)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402
 import sampler_flags  # noqa: E402
-from absl import flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 sampler_flags.define()
@@ -35,14 +35,9 @@ flags.mark_flags_as_required(["outdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected argument {argv[1]!r}: every setting is a --flag.")
-  if FLAGS.verbosity == 0:
-    logging.set_verbosity(logging.WARNING)
-  import builders
+  cli.begin(argv)
   import evaluating
 
-  builders.setup_compilation_cache()
   evaluating.run_evaluation(
       outdir=FLAGS.outdir, categories=FLAGS.categories,
       images_per_prompt=FLAGS.images_per_prompt, batch_size=FLAGS.batch_size,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402
 import sampler_flags  # noqa: E402
-from absl import flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 sampler_flags.define()  # the stages, checkpoints and every sampler setting
@@ -39,14 +39,9 @@ flags.mark_flags_as_required(["outdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected argument {argv[1]!r}: every setting is a --flag.")
-  if FLAGS.verbosity == 0:
-    logging.set_verbosity(logging.WARNING)
-  import builders
+  cli.begin(argv)
   import sampling
 
-  builders.setup_compilation_cache()
   names = ("prompts", "prompts_file", "outdir", "first_index", "export_dir")
   result = sampling.sample_cascade(**{name: FLAGS[name].value for name in names},
                                    **sampler_flags.values(FLAGS),

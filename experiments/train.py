@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # for c
 
 import builders  # noqa: E402
 import cli  # noqa: E402
-from absl import flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 PREEMPTED_EXIT_CODE = cli.PREEMPTED_EXIT_CODE  # SIGTERM after its checkpoint: rerun
@@ -35,10 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  del argv
-  if FLAGS.verbosity == 0:  # orbax logs every save at INFO; keep the console readable
-    logging.set_verbosity(logging.WARNING)
-  builders.setup_compilation_cache()
+  cli.begin(argv)
   builders.run_training(FLAGS.config, FLAGS.workdir)  # UserError / Preempted: cli.run_main
 
 
