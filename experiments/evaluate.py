@@ -5,7 +5,9 @@ r"""Scores a cascade of trained stages on ShapesEval and FD-probe (base stage fi
 
 Writes eval.json (every score with its 95% interval, FD-probe, the probe's own accuracy on
 real images, the run's config and one record per image), eval.md (the tables) and
-examples.png (examples framed green / red with what the probe read). The probe is trained
+examples.png (examples framed green / red with what the probe read). With
+--fid_weights=PATH (Inception-v3 weights, see diffusion_jax/evaluation/inception.py) FID is
+computed too, on FD-probe's images. The probe is trained
 once on first use (a few CPU minutes) and cached in .cache/probe. The stage and sampler
 flags are sample.py's. Bad input stops with one line saying what to fix.
 """
@@ -30,6 +32,9 @@ flags.DEFINE_string("probe_dir", None, "Where the trained probe is cached (defau
                     ".cache/probe, or $DIFFUSION_JAX_PROBE_DIR).")
 flags.DEFINE_string("probe_path", None, "A saved probe file to judge with instead of the "
                     "cached default probe.")
+flags.DEFINE_string("fid_weights", None, "Inception-v3 weights (.npz, pytorch-fid's "
+                    "pt_inception-2015-12-05-6726825d.pth converted by "
+                    "experiments/convert_fid_inception.py): FID on FD-probe's images too.")
 flags.DEFINE_string("outdir", None, "Where to write eval.json, eval.md and examples.png.")
 flags.mark_flags_as_required(["outdir"])
 
@@ -42,7 +47,7 @@ def main(argv):
       outdir=FLAGS.outdir, categories=FLAGS.categories,
       images_per_prompt=FLAGS.images_per_prompt, batch_size=FLAGS.batch_size,
       fd_images=FLAGS.fd_images, probe_dir=FLAGS.probe_dir, probe_path=FLAGS.probe_path,
-      **sampler_flags.values(FLAGS))
+      fid_weights=FLAGS.fid_weights, **sampler_flags.values(FLAGS))
 
 
 if __name__ == "__main__":

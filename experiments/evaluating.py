@@ -1,4 +1,5 @@
-"""Stages -> ShapesEval samples -> probe verdicts + FD-probe -> eval.json, eval.md and an
+"""Stages -> ShapesEval samples -> probe verdicts + FD-probe (+ FID with Inception weights)
+-> eval.json, eval.md and an
 example grid: the body of experiments/evaluate.py, a plain function for the demo and the
 ablation harness (``run_evaluation``), and the evaluator that training runs every
 ``config.eval.every`` steps (``training_evaluator``).
@@ -47,11 +48,12 @@ def _max_objects(workdirs) -> int:
 
 
 def fd_probe(features, sample_fn, num: int, resolution: int, max_objects: int,
-             batch_size: int) -> dict:
+             batch_size: int, fid_features=None) -> dict:
   """Frechet distance of ``features`` (images [B, H, W, 3] uint8 -> [B, D]; FD-probe with
   the probe's) between ``num`` images generated from validation captions and the same
   validation scenes rendered at ``resolution``, and the floor: those real images against
-  ``num`` other real validation images."""
+  ``num`` other real validation images. ``fid_features``, if given (Inception-v3's), gives
+  the same two distances on the same images under ``"fid"``."""
   from diffusion_jax.data import shapes
   from diffusion_jax.evaluation import frechet
 
@@ -66,17 +68,37 @@ def fd_probe(features, sample_fn, num: int, resolution: int, max_objects: int,
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
     generated.append(np.asarray(sample_fn(chunk, FD_INDEX_OFFSET + s)))
   generated = np.concatenate(generated)[:num]
-  stats = {name: frechet.FeatureStats().update(features(images))
-           for name, images in (("generated", generated), ("real", real), ("other", other))}
-  return {"generated_vs_real": stats["generated"].frechet_distance(stats["real"]),
-          "real_vs_real_floor": stats["other"].frechet_distance(stats["real"]),
-          "num_images": num, "resolution": resolution,
-          "feature_dim": stats["real"].mean.shape[0]}
+
+  def distances(extract):
+    stats = {name: frechet.FeatureStats().update(extract(images))
+             for name, images in (("generated", generated), ("real", real), ("other", other))}
+    return {"generated_vs_real": stats["generated"].frechet_distance(stats["real"]),
+            "real_vs_real_floor": stats["other"].frechet_distance(stats["real"]),
+            "num_images": num, "resolution": resolution,
+            "feature_dim": stats["real"].mean.shape[0]}
+
+  result = distances(features)
+  if fid_features is not None:
+    result["fid"] = distances(fid_features)
+  return result
+
+
+def load_fid_features(fid_weights, fd_images: int):
+  """The Inception-v3 feature extractor of a weights file, or UserError (one line)."""
+  from diffusion_jax.evaluation import inception
+
+  if not fd_images:
+    raise UserError(f"--fid_weights={fid_weights} needs --fd_images >= 2 (FID uses "
+                    "FD-probe's images).")
+  try:
+    return inception.InceptionFeatures.load(fid_weights)
+  except inception.WeightsError as e:
+    raise UserError(f"--fid_weights: {e}") from None
 
 
 def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_per_prompt=4,
                    batch_size=48, fd_images=200, probe=None, probe_dir=None,
-                   probe_path=None, features=None, seed=0, log=print,
+                   probe_path=None, features=None, fid_weights=None, seed=0, log=print,
                    **sampler_kwargs) -> dict:
   """Evaluates a cascade (training ``workdirs`` or exported ``stages``, base first) on
   ShapesEval and FD-probe; writes eval.json, eval.md and examples.png into ``outdir`` and
@@ -84,7 +106,9 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   sampler, steps, guidance_scale, threshold, percentile, aug_level). ``probe``: a loaded
   probe; ``probe_path``: a saved probe file; default: the cached one, trained on first use
   into ``probe_dir``. ``features``: the Frechet distance's feature extractor (images
-  [B, H, W, 3] uint8 -> [B, D]); default the probe's (FD-probe)."""
+  [B, H, W, 3] uint8 -> [B, D]); default the probe's (FD-probe). ``fid_weights``: an
+  Inception-v3 weights file (``diffusion_jax.evaluation.inception``): FID on FD-probe's
+  images too, under ``"fid"``; checked (and loaded) before anything is sampled."""
   import jax
 
   from diffusion_jax import images as images_lib
@@ -93,6 +117,7 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
 
   categories = list(categories) if categories else list(shapes_eval.CATEGORIES)
   _check(categories, images_per_prompt, fd_images, batch_size)
+  fid_net = load_fid_features(fid_weights, fd_images) if fid_weights else None
   cascade, described, text_meta = sampling.prepare_cascade(workdirs=workdirs, stages=stages,
                                                            **sampler_kwargs)
   max_objects = _max_objects(list(workdirs or []))
@@ -120,15 +145,20 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   if fd_images:
     log(f"[eval] FD-probe: {fd_images} images from validation captions ...")
     fd = fd_probe(features or probe.features, sample_fn, fd_images, resolution, max_objects,
-                  batch_size)
+                  batch_size, fid_features=fid_net and fid_net.features)
+  fid = fd.pop("fid") if fd and fid_net else None
+  if fid:
+    fid.update(weights=str(fid_weights), input_size=fid_net.settings.input_size,
+               width=fid_net.settings.width)
   result = {
-      "summary": summary, "fd_probe": fd,
+      "summary": summary, "fd_probe": fd, "fid": fid,
       "probe": {"settings": dataclasses.asdict(probe.settings), "accuracy_on_real": accuracy,
                 "train_seconds": probe.info.get("train_seconds")},
       "config": {"workdirs": list(workdirs or []), "stages_dirs": list(stages or []),
                  "stages": described, "text_encoder": text_meta, "categories": categories,
                  "images_per_prompt": images_per_prompt, "seed": seed,
                  "batch_size": batch_size, "fd_images": fd_images,
+                 "fid_weights": None if fid_weights is None else str(fid_weights),
                  "sampler_flags": {k: v for k, v in sampler_kwargs.items() if v is not None}},
       "seconds": round(time.time() - start, 1),
       "records": records,
@@ -140,6 +170,11 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   if fd:
     md.append(f"FD-probe ({fd['num_images']} images, {resolution} px): "
               f"{fd['generated_vs_real']:.3f} (real vs real: {fd['real_vs_real_floor']:.3f})")
+    md.append("")
+  if fid:
+    md.append(f"FID (Inception-v3 pool3, {fid['feature_dim']}-d, {fid['weights']}; "
+              f"{fid['num_images']} images, {resolution} px resized to {fid['input_size']}): "
+              f"{fid['generated_vs_real']:.3f} (real vs real: {fid['real_vs_real_floor']:.3f})")
     md.append("")
   md += ["The probe on real images (its own accuracy):", "", probe_accuracy.markdown(accuracy)]
   (out / "eval.md").write_text("\n".join(md) + "\n")

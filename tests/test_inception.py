@@ -1,0 +1,184 @@
+"""The FID Inception-v3 (diffusion_jax/evaluation/inception.py) on a small random network of
+the same interface: saved in the weights format and loaded back, its blocks against torch,
+its features in the Frechet distance, and evaluate.py's one-line errors for --fid_weights."""
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cli_helpers import one_error_line
+
+from diffusion_jax.data import shapes
+from diffusion_jax.evaluation import frechet
+from diffusion_jax.evaluation import inception as inc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import evaluating  # noqa: E402
+
+TINY = inc.InceptionSettings(width=1 / 16, input_size=75)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """(network, its saved file, the network loaded back from that file)."""
+  params = inc.init_params(TINY, seed=3)
+  path = tmp_path_factory.mktemp("inception") / "tiny.npz"
+  inc.save_npz(params, path, TINY)
+  return inc.InceptionFeatures(params, TINY, batch_size=16), path, \
+      inc.InceptionFeatures.load(path, batch_size=16)
+
+
+def _images(n, seed=0, size=32):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_tiny_network_loads_back_to_identical_features(tiny):
+  net, path, loaded = tiny
+  assert loaded.settings == TINY and loaded.source == str(path)
+  images = _images(20)
+  features = net.features(images)
+  assert features.shape == (20, net.feature_dim) == (20, 128)
+  np.testing.assert_array_equal(loaded.features(images), features)
+  assert np.isfinite(features).all() and features.std() > 0
+  # One compiled batch size: a batch split over calls gives the same features.
+  np.testing.assert_allclose(net.features(images[:7]), features[:7], rtol=1e-5, atol=1e-6)
+  # The file is a state dict: torch's key names and layouts.
+  stored = np.load(path)
+  assert stored["Conv2d_1a_3x3.conv.weight"].shape == (2, 3, 3, 3)  # [O, I, kh, kw]
+  assert stored["Mixed_6b.branch7x7_2.conv.weight"].shape == (8, 8, 1, 7)
+  assert len([k for k in stored.files if k != inc.SETTINGS_KEY]) == 94 * 5
+
+
+def test_standard_network_has_the_fid_state_dict_shapes():
+  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth: 94 convolutions, these shapes.
+  template = inc._template(inc.InceptionSettings())
+  flat = inc._flat(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), template))
+  assert len(flat) == 94 * 5
+  expected = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+              "Conv2d_4a_3x3.bn.running_var": (192,),
+              "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+              "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+              "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+              "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+              "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+              "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1)}
+  for key, shape in expected.items():
+    assert flat[key].shape == shape, key
+  x = jax.ShapeDtypeStruct((2, 299, 299, 3), jnp.float32)
+  out = jax.eval_shape(lambda p: inc.InceptionV3(inc.InceptionSettings()).apply(
+      {"params": p}, x), template)
+  assert out.shape == (2, 2048)
+  assert inc.InceptionFeatures(None, inc.InceptionSettings()).feature_dim == 2048
+
+
+# A torch reference of the blocks pytorch-fid patches, from the saved state dict.
+def _t_conv(sd, name, x, stride=1, padding=(0, 0)):
+  g = lambda k: torch.from_numpy(sd[f"{name}.{k}"])  # noqa: E731
+  y = F.conv2d(x, g("conv.weight"), stride=stride, padding=padding)
+  y = F.batch_norm(y, g("bn.running_mean"), g("bn.running_var"), g("bn.weight"),
+                   g("bn.bias"), training=False, eps=1e-3)
+  return F.relu(y)
+
+
+def _t_mixed_5b(sd, x):
+  c = lambda n, y, **kw: _t_conv(sd, f"Mixed_5b.{n}", y, **kw)  # noqa: E731
+  b5 = c("branch5x5_2", c("branch5x5_1", x), padding=(2, 2))
+  d = c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x), padding=(1, 1)),
+        padding=(1, 1))
+  pool = c("branch_pool", F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
+  return torch.cat([c("branch1x1", x), b5, d, pool], 1)
+
+
+def _t_mixed_7c(sd, x):
+  c = lambda n, y, **kw: _t_conv(sd, f"Mixed_7c.{n}", y, **kw)  # noqa: E731
+  b3 = c("branch3x3_1", x)
+  b3 = torch.cat([c("branch3x3_2a", b3, padding=(0, 1)), c("branch3x3_2b", b3,
+                                                            padding=(1, 0))], 1)
+  d = c("branch3x3dbl_2", c("branch3x3dbl_1", x), padding=(1, 1))
+  d = torch.cat([c("branch3x3dbl_3a", d, padding=(0, 1)), c("branch3x3dbl_3b", d,
+                                                             padding=(1, 0))], 1)
+  pool = c("branch_pool", F.max_pool2d(x, 3, 1, 1))
+  return torch.cat([c("branch1x1", x), b3, d, pool], 1)
+
+
+@pytest.mark.parametrize("block,channels,size", [("Mixed_5b", 12, 9), ("Mixed_7c", 128, 5)])
+def test_blocks_match_torch(tiny, block, channels, size):
+  net, path, _ = tiny
+  sd = dict(np.load(path))
+  x = np.random.default_rng(1).normal(size=(2, size, size, channels)).astype(np.float32)
+  module = (inc.InceptionA(TINY, 32) if block == "Mixed_5b" else inc.InceptionE(TINY, True))
+  ours = module.apply({"params": net.params[block]}, jnp.asarray(x))
+  ref = {"Mixed_5b": _t_mixed_5b, "Mixed_7c": _t_mixed_7c}[block](
+      sd, torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  np.testing.assert_allclose(np.asarray(ours), ref.numpy().transpose(0, 2, 3, 1), rtol=1e-4,
+                             atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_input_is_resized_as_pytorch_fid_does(size):
+  images = _images(2, size=size)
+  ours = np.asarray(inc.to_input(images, 75))
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+  ref = 2 * F.interpolate(x, size=(75, 75), mode="bilinear", align_corners=False) - 1
+  np.testing.assert_allclose(ours, ref.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+
+
+def test_real_against_real_is_closer_than_against_noise(tiny):
+  net, _, _ = tiny
+
+  def noise_sampler(prompts, first_index):
+    rng = np.random.default_rng(first_index)
+    return rng.integers(0, 256, (len(prompts), 32, 32, 3), dtype=np.uint8)
+
+  fd = evaluating.fd_probe(net.features, noise_sampler, 48, 32, 3, batch_size=16,
+                           fid_features=net.features)
+  fid = fd["fid"]
+  assert fid["feature_dim"] == 128 and fid["num_images"] == 48
+  assert 0 < fid["real_vs_real_floor"] < fid["generated_vs_real"]
+  # The same distances as frechet.py on the features directly.
+  real = np.stack([shapes.make_example(0, "validation", i, 32, max_objects=3)[2]
+                   for i in range(96)])
+  a = frechet.FeatureStats().update(net.features(real[:48]))
+  b = frechet.FeatureStats().update(net.features(real[48:]))
+  np.testing.assert_allclose(b.frechet_distance(a), fid["real_vs_real_floor"], rtol=1e-6)
+
+
+def test_wrong_files_are_one_line(tiny, tmp_path):
+  _, path, _ = tiny
+  with pytest.raises(inc.WeightsError, match="has shape"):
+    inc.load_params(path, inc.InceptionSettings(width=1 / 8, input_size=75))
+  torch_file = tmp_path / "x.pth"
+  torch_file.write_bytes(b"")
+  with pytest.raises(inc.WeightsError, match="convert it once"):
+    inc.load_params(torch_file)
+  bad = tmp_path / "bad.npz"
+  bad.write_bytes(b"not an npz")
+  with pytest.raises(inc.WeightsError, match="not a readable .npz"):
+    inc.load_params(bad)
+
+
+def _evaluate(*args):
+  return subprocess.run([sys.executable, str(ROOT / "experiments" / "evaluate.py"), *args],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "the Inception weights file {missing} does not exist: download pytorch-fid's "
+     "pt_inception-2015-12-05-6726825d.pth"),
+    (["--fd_images=0"], "--fid_weights={missing} needs --fd_images >= 2"),
+])
+def test_missing_weights_is_one_line_before_sampling(tmp_path, extra, message):
+  missing = tmp_path / "pt_inception.npz"
+  out = tmp_path / "out"
+  error = one_error_line(_evaluate("--workdirs=/nonexistent", f"--outdir={out}",
+                                   f"--fid_weights={missing}", *extra))
+  assert message.format(missing=missing) in error, error
+  assert not out.exists()
