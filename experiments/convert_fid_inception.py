@@ -26,8 +26,6 @@ flags.mark_flags_as_required(["pth", "out"])
 
 def main(argv):
   cli.begin(argv)
-  import numpy as np
-
   from diffusion_jax.evaluation import inception
 
   source, out = pathlib.Path(FLAGS.pth), pathlib.Path(FLAGS.out)
@@ -37,26 +35,18 @@ def main(argv):
   if out.suffix != ".npz":
     raise cli.UserError(f"--out={out}: the output must end in .npz.")
   try:
-    import torch
+    import torch  # noqa: F401
   except ImportError:
     raise cli.UserError("reading the .pth needs torch: pip install torch (CPU is enough), "
                         "once, for this conversion.") from None
   try:
-    state = torch.load(source, map_location="cpu", weights_only=True)
+    count = inception.convert_torch_file(source, out)
+  except inception.WeightsError as e:
+    raise cli.UserError(f"--pth={source}: {e}") from None
   except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
     raise cli.UserError(f"--pth={source} is not a readable torch state dict "
                         f"({type(e).__name__}: {e}).") from None
-  arrays = {k: v.detach().float().numpy() for k, v in state.items()
-            if not k.endswith("num_batches_tracked")}
-  tmp = out.with_name(f"{out.name}.tmp.npz")
-  np.savez(tmp, **arrays)
-  try:
-    inception.load_params(tmp)  # every parameter present with its shape
-  except inception.WeightsError as e:
-    tmp.unlink()
-    raise cli.UserError(f"--pth={source}: {e}") from None
-  tmp.replace(out)
-  print(f"wrote {out} ({len(arrays)} arrays)")
+  print(f"wrote {out} ({count} arrays)")
 
 
 if __name__ == "__main__":

@@ -182,3 +182,28 @@ def test_missing_weights_is_one_line_before_sampling(tmp_path, extra, message):
                                    f"--fid_weights={missing}", *extra))
   assert message.format(missing=missing) in error, error
   assert not out.exists()
+
+
+def test_torch_state_dict_converts_to_the_same_network(tiny, tmp_path):
+  # A .pth as pytorch-fid ships it: the state dict with the classifier and BatchNorm
+  # counters, which the conversion drops.
+  net, path, _ = tiny
+  state = {k: torch.from_numpy(v) for k, v in np.load(path).items() if k != inc.SETTINGS_KEY}
+  state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 128), torch.zeros(1008)
+  state["Mixed_5b.branch1x1.bn.num_batches_tracked"] = torch.tensor(0)
+  pth = tmp_path / "tiny.pth"
+  torch.save(state, pth)
+  assert inc.convert_torch_file(pth, tmp_path / "tiny.npz", TINY) == 94 * 5 + 2 + 1
+  converted = inc.InceptionFeatures.load(tmp_path / "tiny.npz", batch_size=16)
+  images = _images(16, seed=5)
+  np.testing.assert_array_equal(converted.features(images), net.features(images))
+  with pytest.raises(inc.WeightsError, match="has shape"):  # read as the standard network
+    inc.convert_torch_file(pth, tmp_path / "standard.npz")
+  assert not list(tmp_path.glob("standard*"))
+
+
+def test_convert_script_missing_file_is_one_line(tmp_path):
+  r = subprocess.run([sys.executable, str(ROOT / "experiments" / "convert_fid_inception.py"),
+                      f"--pth={tmp_path / 'none.pth'}", f"--out={tmp_path / 'w.npz'}"],
+                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert "does not exist; download it from https://github.com/mseitzer" in one_error_line(r)

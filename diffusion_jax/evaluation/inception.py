@@ -301,6 +301,29 @@ def load_params(path, settings: InceptionSettings | None = None):
   return jax.tree_util.tree_map_with_path(take, template), settings
 
 
+def convert_torch_file(pth, out, settings: InceptionSettings | None = None) -> int:
+  """pytorch-fid's state dict ``pth`` -> the ``.npz`` ``out`` (keys and layouts unchanged,
+  ``num_batches_tracked`` dropped), checked by loading it for ``settings`` (default the
+  standard network; others are stored in the file). Needs torch; returns the array count."""
+  import torch  # only here: the one step that needs it
+
+  state = torch.load(pth, map_location="cpu", weights_only=True)
+  arrays = {k: v.detach().float().numpy() for k, v in state.items()
+            if not k.endswith("num_batches_tracked")}
+  if settings is not None and settings != InceptionSettings():
+    arrays[SETTINGS_KEY] = np.array(json.dumps(dataclasses.asdict(settings)))
+  out = pathlib.Path(out)
+  tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp.npz")
+  np.savez(tmp, **arrays)
+  try:
+    load_params(tmp)  # every parameter present, with its shape
+  except WeightsError:
+    tmp.unlink()
+    raise
+  tmp.replace(out)
+  return len(arrays)
+
+
 class InceptionFeatures:
   """``features(images [B, H, W, 3]) -> [B, feature_dim]``: pool3 features, batched under
   one compiled batch size. ``load(path)`` reads a weights file."""
