@@ -88,36 +88,73 @@ def _t_conv(sd, name, x, stride=1, padding=(0, 0)):
   return F.relu(y)
 
 
-def _t_mixed_5b(sd, x):
-  c = lambda n, y, **kw: _t_conv(sd, f"Mixed_5b.{n}", y, **kw)  # noqa: E731
-  b5 = c("branch5x5_2", c("branch5x5_1", x), padding=(2, 2))
-  d = c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x), padding=(1, 1)),
-        padding=(1, 1))
-  pool = c("branch_pool", F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
-  return torch.cat([c("branch1x1", x), b5, d, pool], 1)
-
-
-def _t_mixed_7c(sd, x):
-  c = lambda n, y, **kw: _t_conv(sd, f"Mixed_7c.{n}", y, **kw)  # noqa: E731
+def _t_block(sd, name, x):
+  """torchvision's Inception-v3 block ``name`` with pytorch-fid's FID patches, in torch."""
+  c = lambda n, y, **kw: _t_conv(sd, f"{name}.{n}", y, **kw)  # noqa: E731
+  avg = lambda y: F.avg_pool2d(y, 3, 1, 1, count_include_pad=False)  # noqa: E731
+  row, col = dict(padding=(0, 3)), dict(padding=(3, 0))
+  if name in ("Mixed_5b", "Mixed_5c", "Mixed_5d"):
+    b5 = c("branch5x5_2", c("branch5x5_1", x), padding=(2, 2))
+    d = c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x), padding=(1, 1)),
+          padding=(1, 1))
+    return torch.cat([c("branch1x1", x), b5, d, c("branch_pool", avg(x))], 1)
+  if name == "Mixed_6a":
+    d = c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x), padding=(1, 1)),
+          stride=2)
+    return torch.cat([c("branch3x3", x, stride=2), d, F.max_pool2d(x, 3, 2)], 1)
+  if name.startswith("Mixed_6"):
+    b7 = c("branch7x7_3", c("branch7x7_2", c("branch7x7_1", x), **row), **col)
+    d = c("branch7x7dbl_1", x)
+    for i, pad in ((2, col), (3, row), (4, col), (5, row)):
+      d = c(f"branch7x7dbl_{i}", d, **pad)
+    return torch.cat([c("branch1x1", x), b7, d, c("branch_pool", avg(x))], 1)
+  if name == "Mixed_7a":
+    b3 = c("branch3x3_2", c("branch3x3_1", x), stride=2)
+    b7 = c("branch7x7x3_3", c("branch7x7x3_2", c("branch7x7x3_1", x), **row), **col)
+    return torch.cat([b3, c("branch7x7x3_4", b7, stride=2), F.max_pool2d(x, 3, 2)], 1)
   b3 = c("branch3x3_1", x)
   b3 = torch.cat([c("branch3x3_2a", b3, padding=(0, 1)), c("branch3x3_2b", b3,
                                                             padding=(1, 0))], 1)
   d = c("branch3x3dbl_2", c("branch3x3dbl_1", x), padding=(1, 1))
   d = torch.cat([c("branch3x3dbl_3a", d, padding=(0, 1)), c("branch3x3dbl_3b", d,
                                                              padding=(1, 0))], 1)
-  pool = c("branch_pool", F.max_pool2d(x, 3, 1, 1))
-  return torch.cat([c("branch1x1", x), b3, d, pool], 1)
+  pool = F.max_pool2d(x, 3, 1, 1) if name == "Mixed_7c" else avg(x)
+  return torch.cat([c("branch1x1", x), b3, d, c("branch_pool", pool)], 1)
+
+
+BLOCKS = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+          "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
+
+
+def _t_features(sd, images, size):
+  """pytorch-fid's forward: [0, 1] images resized bilinearly, to [-1, 1], pool3."""
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+  x = 2 * F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) - 1
+  x = _t_conv(sd, "Conv2d_2a_3x3", _t_conv(sd, "Conv2d_1a_3x3", x, stride=2))
+  x = F.max_pool2d(_t_conv(sd, "Conv2d_2b_3x3", x, padding=(1, 1)), 3, 2)
+  x = F.max_pool2d(_t_conv(sd, "Conv2d_4a_3x3", _t_conv(sd, "Conv2d_3b_1x1", x)), 3, 2)
+  for name in BLOCKS:
+    x = _t_block(sd, name, x)
+  return x.mean((2, 3)).numpy()
+
+
+def test_network_matches_torch(tiny):
+  net, path, _ = tiny
+  sd = dict(np.load(path))
+  images = _images(4, seed=2, size=64)
+  np.testing.assert_allclose(net.features(images), _t_features(sd, images, 75), rtol=1e-4,
+                             atol=1e-4)
 
 
 @pytest.mark.parametrize("block,channels,size", [("Mixed_5b", 12, 9), ("Mixed_7c", 128, 5)])
-def test_blocks_match_torch(tiny, block, channels, size):
+def test_patched_blocks_match_torch(tiny, block, channels, size):
+  # The pools pytorch-fid patches, on inputs with larger values than the network's.
   net, path, _ = tiny
   sd = dict(np.load(path))
-  x = np.random.default_rng(1).normal(size=(2, size, size, channels)).astype(np.float32)
+  x = np.random.default_rng(1).normal(size=(2, size, size, channels)).astype(np.float32) * 3
   module = (inc.InceptionA(TINY, 32) if block == "Mixed_5b" else inc.InceptionE(TINY, True))
   ours = module.apply({"params": net.params[block]}, jnp.asarray(x))
-  ref = {"Mixed_5b": _t_mixed_5b, "Mixed_7c": _t_mixed_7c}[block](
-      sd, torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  ref = _t_block(sd, block, torch.from_numpy(x.transpose(0, 3, 1, 2)))
   np.testing.assert_allclose(np.asarray(ours), ref.numpy().transpose(0, 2, 3, 1), rtol=1e-4,
                              atol=1e-4)
 
