@@ -65,7 +65,16 @@ def test_standard_network_has_the_fid_state_dict_shapes():
   expected = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
               "Conv2d_4a_3x3.bn.running_var": (192,),
               "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+              "Mixed_5c.branch_pool.conv.weight": (64, 256, 1, 1),
+              "Mixed_5d.branch_pool.conv.weight": (64, 288, 1, 1),
               "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+              "Mixed_6b.branch7x7_1.conv.weight": (128, 768, 1, 1),
+              "Mixed_6c.branch7x7_2.conv.weight": (160, 160, 1, 7),
+              "Mixed_6d.branch7x7dbl_2.conv.weight": (160, 160, 7, 1),
+              "Mixed_6e.branch7x7_3.conv.weight": (192, 192, 7, 1),
+              "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
+              "Mixed_7b.branch_pool.conv.weight": (192, 1280, 1, 1),
+              "Mixed_7b.branch3x3dbl_1.conv.weight": (448, 1280, 1, 1),
               "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
               "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
               "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
@@ -139,11 +148,13 @@ def _t_features(sd, images, size):
 
 
 def test_network_matches_torch(tiny):
+  # At 139 px the last blocks see 3 x 3 maps (at 75 px, 1 x 1: every pool the identity).
   net, path, _ = tiny
   sd = dict(np.load(path))
+  settings = inc.InceptionSettings(width=TINY.width, input_size=139)
   images = _images(4, seed=2, size=64)
-  np.testing.assert_allclose(net.features(images), _t_features(sd, images, 75), rtol=1e-4,
-                             atol=1e-4)
+  ours = inc.InceptionFeatures(net.params, settings, batch_size=4).features(images)
+  np.testing.assert_allclose(ours, _t_features(sd, images, 139), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("block,channels,size", [("Mixed_5b", 12, 9), ("Mixed_7c", 128, 5)])
