@@ -124,11 +124,18 @@ def test_shapes_eval_inside_training(trained):
 
 @pytest.mark.slow
 def test_evaluate_end_to_end(trained, tmp_path):
+  from diffusion_jax.evaluation import inception
+
   workdir, probe_path = trained
   out = tmp_path / "eval"
+  # FID with a small random Inception-v3 of the standard one's interface, from its file.
+  tiny_inception = inception.InceptionSettings(width=1 / 16, input_size=75)
+  fid_weights = tmp_path / "tiny_inception.npz"
+  inception.save_npz(inception.init_params(tiny_inception), fid_weights, tiny_inception)
   r = _evaluate(f"--workdirs={workdir}", "--categories=colour_shape,relation",
                 "--images_per_prompt=2", "--steps=2", "--guidance_scale=2", "--fd_images=6",
-                "--batch_size=32", f"--probe_path={probe_path}", f"--outdir={out}")
+                "--batch_size=32", f"--probe_path={probe_path}", f"--outdir={out}",
+                f"--fid_weights={fid_weights}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "ETA" in r.stdout and "images" in r.stdout
   result = json.loads((out / "eval.json").read_text())
@@ -146,6 +153,9 @@ def test_evaluate_end_to_end(trained, tmp_path):
   fd = result["fd_probe"]
   assert fd["num_images"] == 6 and np.isfinite(fd["generated_vs_real"])
   assert fd["generated_vs_real"] > fd["real_vs_real_floor"]  # 2-step samples are noise
+  fid = result["fid"]
+  assert fid["num_images"] == 6 and fid["feature_dim"] == 128
+  assert fid["weights"] == str(fid_weights) and np.isfinite(fid["generated_vs_real"])
   accuracy = result["probe"]["accuracy_on_real"]
   assert set(accuracy) == {"validation@32px", "test_compositional@32px", "validation@64px",
                            "test_compositional@64px"}
@@ -154,6 +164,7 @@ def test_evaluate_end_to_end(trained, tmp_path):
   assert config["images_per_prompt"] == 2 and config["workdirs"] == [str(workdir)]
   md = (out / "eval.md").read_text()
   assert "| colour_shape | held_out |" in md and "FD-probe (6 images, 8 px)" in md
+  assert "FID (Inception-v3 pool3, 128-d" in md
   assert "The probe on real images" in md
   assert (out / "examples.png").stat().st_size > 0
 
