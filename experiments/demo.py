@@ -83,12 +83,12 @@ def main(argv):
       progress=lambda msg: print(msg, flush=True))
   target = pathlib.Path(FLAGS.rundir) / "samples.png"
   shutil.copyfile(result.grids[-1], target)
+  if FLAGS.eval_images_per_prompt:
+    _print_score(base)
   print(f"\n[demo] done in {(time.time() - start) / 60:.1f} min.\n"
         f"  samples (64 px, after super-resolution): {target}\n"
         f"  base-stage samples (32 px): {pathlib.Path(FLAGS.rundir) / 'samples'}\n"
         f"  training runs: {base}, {sr} (TensorBoard: tensorboard --logdir {FLAGS.rundir})")
-  if FLAGS.eval_images_per_prompt:
-    _print_score(base)
 
 
 def _print_score(base):
