@@ -9,7 +9,7 @@ from the four original .gz files in --config.data.source_dir=DIR, and prepared i
 data/fashion_mnist_offline/32px on first use. `:smoke` shrinks it to two steps (tests).
 """
 
-from configs import common
+from configs import demo_base
 
 # One per class, in label order (diffusion_jax.data.labelled_sources.FASHION_MNIST_CAPTIONS).
 PREVIEW_PROMPTS = ("a photo of a sneaker", "a photo of a dress", "a photo of a bag",
@@ -19,28 +19,13 @@ PREVIEW_PROMPTS = ("a photo of a sneaker", "a photo of a dress", "a photo of a b
 def get_config(arg=None):
   if arg not in (None, "smoke"):
     raise ValueError(f"configs/fashion_mnist.py takes no argument or ':smoke', got {arg!r}.")
-  c = common.get_config()
-  c.model.preset = "demo_base"
-  c.diffusion.schedule_kwargs.shifted_cosine.resolution = 32
-  c.diffusion.schedule_kwargs.shifted_cosine.base_resolution = 32
+  # The demo base stage's recipe (U-Net, 32 px schedule, optimizer, EMA, and its :smoke
+  # sizes) on the class-captioned Fashion-MNIST images.
+  c = demo_base.get_config(arg)
   c.data.dataset = "fashion_mnist_offline/32px"
   c.data.caption_key = "caption"
-  c.data.resolution = 32
-  c.text.cache_dir = "data/text_cache"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 100
-  c.train.batch_size = 32
-  c.train.num_steps = 20_000
-  c.train.time_budget_s = 1200.0     # the README's CPU budget
-  c.train.ema_decay = 0.995
-  c.train.checkpoint_every = 250
-  c.train.preview_every = 500
   c.train.preview_prompts = PREVIEW_PROMPTS
-  if arg == "smoke":
-    c.train.batch_size = 8
-    c.train.num_steps = 2
-    c.train.time_budget_s = None
-    c.train.log_every = 1
-    c.train.preview_every = 2
-    c.train.preview_steps = 3
+  if arg != "smoke":
+    c.train.num_steps = 20_000
+    c.train.time_budget_s = 1200.0     # the README's CPU budget
   return c
