@@ -323,8 +323,13 @@ def dataset_captions(config: ml_collections.ConfigDict,
   return [c.decode() if isinstance(c, bytes) else str(c) for c in captions]
 
 
-def run_training(config: ml_collections.ConfigDict, workdir: str):
-  """Validates the whole config, then trains (resuming from ``workdir`` if possible)."""
+def run_training(config: ml_collections.ConfigDict, workdir: str, make_evaluator=None):
+  """Validates the whole config, then trains (resuming from ``workdir`` if possible).
+
+  ``make_evaluator(config, model_cfg, text_encoder, kind) -> evaluator or None`` builds the
+  loop's in-training evaluator; default ``evaluating.training_evaluator`` (a benchmark
+  passes its own probe and wraps the evaluator to time it: benchmarks/convergence.py).
+  """
   from diffusion_jax.training import loop as loop_lib
 
   dist = config.distributed
@@ -352,12 +357,13 @@ def run_training(config: ml_collections.ConfigDict, workdir: str):
         stored, step = None, None
       resume.check_config(stored, config.to_dict(), resume_rules(),
                           f"{workdir}/checkpoints/{step}")
-      return _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop)
+      return _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop,
+                               make_evaluator)
   except (workdir_lock.WorkdirLockedError, resume.IncompatibleResumeError) as e:
     raise UserError(str(e)) from None
 
 
-def _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop):
+def _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop, make_evaluator):
   import jax
 
   from diffusion_jax.training import checkpoint, resume
@@ -388,7 +394,7 @@ def _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop):
             f"{new} newly encoded.", flush=True)
   import evaluating  # (experiments/; imports this module)
 
-  evaluator = evaluating.training_evaluator(config, model_cfg, encoder, kind)
+  evaluator = (make_evaluator or evaluating.training_evaluator)(config, model_cfg, encoder, kind)
   try:
     return loop_lib.train(
         workdir, model=unet_lib.UNet(model_cfg), loop=loop, step_settings=steps,
