@@ -16,7 +16,9 @@ that), so its last point may lie up to one ``--eval_every`` interval past the bu
 Training minutes are the loop's own step time (from ``metrics.jsonl``: steps x batch /
 images_per_s per logged interval): evaluations, checkpoints and previews are excluded; the
 first step's compilation is included, as in a training run's time budget (short when
-.cache/jax holds the program). Dataset preparation and text-encoder set-up are not.
+.cache/jax holds the program; ``--cold_compile`` turns that cache off, so every arm compiles
+as a fresh clone's demo does; the table's notes give each arm's first interval).
+Dataset preparation and text-encoder set-up are not included.
 
 ``--override=<label>.<dotted.config.field>=<value>`` (repeatable) changes one arm's config
 after the benchmark's own settings (so ``new.eval.num_steps=25`` works too); values are
@@ -170,6 +172,13 @@ def training_seconds(metrics_path: pathlib.Path, batch_size: int, upto: int) -> 
   return seconds
 
 
+def first_interval(metrics_path: pathlib.Path, batch_size: int) -> dict:
+  """{"steps", "seconds"} of the first logged interval (it holds the compilation)."""
+  lines = [json.loads(s) for s in metrics_path.read_text().splitlines() if s.strip()]
+  first = min((r for r in lines if "images_per_s" in r), key=lambda r: r["step"])
+  return {"steps": first["step"], "seconds": first["step"] * batch_size / first["images_per_s"]}
+
+
 def _point(step: int, seconds: float, eval_seconds: float, scalars: dict,
            images_per_prompt: int) -> dict:
   from diffusion_jax.evaluation import shapes_eval
@@ -258,7 +267,10 @@ def run_arm(arm: Arm, config, arm_dir: pathlib.Path, minutes: float | None, prob
   except BudgetReached:
     stopped = "minutes"
   record = {"label": arm.label, "settings": settings, "stopped_by": stopped,
-            "wall_minutes": (time.time() - start) / 60, "points": points}
+            "wall_minutes": (time.time() - start) / 60, "points": points,
+            # The first interval holds the compilation (short if .cache/jax has it).
+            "first_interval": first_interval(workdir / "metrics.jsonl",
+                                             config.train.batch_size)}
   tmp = done.with_name(".arm.json.tmp")
   tmp.write_text(json.dumps(record, indent=2))
   tmp.replace(done)
@@ -294,8 +306,11 @@ def markdown(records: list[dict], note: str = "") -> str:
                  f"{row['eval_seconds']:.0f} |")
   for r in records:
     s = r["settings"]
-    lines.append(f"\n{r['label']}: {s['spec']}, stopped by {r['stopped_by']}, "
-                 f"{r['wall_minutes']:.1f} wall minutes with evaluations.")
+    first = r.get("first_interval")  # (absent from records of an earlier version)
+    lines.append(f"\n{r['label']}: {s['spec']}, stopped by {r['stopped_by']}; "
+                 f"{r['wall_minutes']:.1f} wall minutes with evaluations" + (
+                     f"; its first {first['steps']} step(s), compilation included, took "
+                     f"{first['seconds']:.1f} s." if first else "."))
   return "\n".join(lines) + "\n"
 
 
@@ -325,7 +340,8 @@ def plot(records: list[dict], path: pathlib.Path, note: str = "") -> None:
                       color=line.get_color(), alpha=0.18, linewidth=0)
       ax.plot(xs, [p["held_out_accuracy"] for p in points], linestyle=":", marker=".",
               color=line.get_color(), label=f"{r['label']} held-out pairs")
-    ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
+    ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)  # issue 16's target
+    ax.set_xlim(left=0)
     ax.set_xlabel(x_label)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -353,7 +369,8 @@ def write_report(records: list[dict], out: pathlib.Path, note: str = "", log=pri
 
 def run(*, arms: list[Arm], out, minutes: float | None, eval_every: int,
         images_per_prompt: int, eval_steps: int | None = None, steps: int | None = None,
-        probe_path=None, note: str = "", log=print) -> list[dict]:
+        probe_path=None, note: str = "", cold_compile: bool = False,
+        log=print) -> list[dict]:
   """Every arm checked, then trained and scored in turn (finished ones reused); the table
   and plot written into ``out``. Returns the arms' records."""
   if minutes is not None and minutes <= 0:
@@ -377,6 +394,10 @@ def run(*, arms: list[Arm], out, minutes: float | None, eval_every: int,
   import builders
 
   builders.setup_compilation_cache()
+  if cold_compile:
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
   probe = None
   records = []
   for arm in arms:
@@ -406,6 +427,9 @@ def main(argv=None):
   parser.add_argument("--eval_steps", type=int, default=50,
                       help="DDIM steps of the evaluation samples (50: like the demo's score)")
   parser.add_argument("--probe_path", default=None, help="a saved probe (default: the cached)")
+  parser.add_argument("--cold_compile", action="store_true",
+                      help="no persistent compilation cache: every arm's time includes a "
+                      "full compilation, as in a fresh clone's demo")
   parser.add_argument("--out", default=str(ROOT / "docs" / "convergence"))
   parser.add_argument("--note", default="", help="shown in the plot title and table, e.g. "
                       "'contended machine'")
@@ -414,7 +438,8 @@ def main(argv=None):
                             minutes=args.minutes, eval_every=args.eval_every,
                             images_per_prompt=args.images_per_prompt,
                             eval_steps=args.eval_steps, steps=args.steps,
-                            probe_path=args.probe_path, note=args.note))
+                            probe_path=args.probe_path, note=args.note,
+                            cold_compile=args.cold_compile))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def test_two_arms_table_plot_rerun_and_changed_settings(tmp_path):
   assert [r["label"] for r in records] == ["a", "b"]
   for r, steps in zip(records, ([1, 2], [1]), strict=True):
     assert r["stopped_by"] == "num_steps"
+    assert r["first_interval"]["steps"] == 1  # log_every: gcd(1, eval_every)
     points = r["points"]
     assert [p["step"] for p in points] == steps
     minutes = [p["train_minutes"] for p in points]
@@ -122,6 +123,8 @@ def test_training_seconds_and_the_budget_stop(tmp_path):
       {"step": 4, "images_per_s": 2.0}])
   assert convergence.training_seconds(tmp_path / "metrics.jsonl", 4, 2) == 1.0
   assert convergence.training_seconds(tmp_path / "metrics.jsonl", 4, 4) == 5.0
+  assert convergence.first_interval(tmp_path / "metrics.jsonl", 4) == {"steps": 2,
+                                                                       "seconds": 1.0}
   with pytest.raises(RuntimeError, match="no log line at step 3"):
     convergence.training_seconds(tmp_path / "metrics.jsonl", 4, 3)
 
