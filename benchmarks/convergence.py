@@ -263,9 +263,11 @@ def run_arm(arm: Arm, config, arm_dir: pathlib.Path, minutes: float | None, prob
   start = time.time()
   try:
     builders.run_training(config, str(workdir), make_evaluator=make_evaluator)
-    stopped = "num_steps"
+    # (the loop's own time budget only if an --override set train.time_budget_s)
+    stopped = ("train.num_steps" if points and points[-1]["step"] >= config.train.num_steps
+               else "train.time_budget_s")
   except BudgetReached:
-    stopped = "minutes"
+    stopped = "--minutes"
   record = {"label": arm.label, "settings": settings, "stopped_by": stopped,
             "wall_minutes": (time.time() - start) / 60, "points": points,
             # The first interval holds the compilation (short if .cache/jax has it).

@@ -54,7 +54,7 @@ def test_two_arms_table_plot_rerun_and_changed_settings(tmp_path):
   records = _run(out, tmp_path / "data", log=logs)
   assert [r["label"] for r in records] == ["a", "b"]
   for r, steps in zip(records, ([1, 2], [1]), strict=True):
-    assert r["stopped_by"] == "num_steps"
+    assert r["stopped_by"] == "train.num_steps"
     assert r["first_interval"]["steps"] == 1  # log_every: gcd(1, eval_every)
     points = r["points"]
     assert [p["step"] for p in points] == steps
@@ -105,7 +105,7 @@ def test_the_minutes_budget_stops_a_real_run_at_an_evaluation(tmp_path):
   [record] = convergence.run(arms=arms, out=tmp_path / "conv", minutes=1e-4 / 6, steps=50,
                              eval_every=2, images_per_prompt=1, eval_steps=2,
                              probe_path=probe_path, log=lambda m: None)
-  assert record["stopped_by"] == "minutes"
+  assert record["stopped_by"] == "--minutes"
   assert [p["step"] for p in record["points"]] == [2]
   run = tmp_path / "conv" / "arms" / "a" / "run"
   assert (run / "checkpoints" / "2").is_dir()  # saved before the evaluation stopped it
