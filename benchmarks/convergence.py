@@ -5,7 +5,8 @@ r"""ShapesEval colour x shape score against training minutes and steps, one line
       --out=docs/convergence [--override=new.train.batch_size=64 ...]
 
 An arm is ``label=path/to/config.py[:arg]`` (a base stage). Each arm trains in turn, one at a
-time, in ``<out>/arms/<label>/run`` with the config's own recipe, and every ``--eval_every``
+time, in ``<runs>/<label>`` (default runs/convergence/<name of --out>: checkpoints stay out
+of docs/ and git) with the config's own recipe, and every ``--eval_every``
 steps the training loop's ShapesEval evaluator (experiments/evaluating.py:
 ``training_evaluator``) scores the EMA params on the 48 colour x shape prompts,
 ``--images_per_prompt`` images each, judged by one probe shared by all arms (the cached one,
@@ -24,14 +25,16 @@ Dataset preparation and text-encoder set-up are not included.
 after the benchmark's own settings (so ``new.eval.num_steps=25`` works too); values are
 Python literals (``64``, ``1e-3``, ``'sigmoid'``, ``(1, 2)``) or else plain strings.
 
-Output in ``--out``: convergence.md and convergence.csv (one row per arm and evaluation:
+Output in ``--out``: arms/<label>.json (each arm's settings and points), convergence.md and
+convergence.csv (one row per arm and evaluation:
 step, training minutes, colour x shape right / images, accuracy, Wilson 95% CI, held-out
 right / images, evaluation seconds) and convergence.png (score against minutes and against
-steps, 95% bands). A finished arm (``arms/<label>/arm.json``) is not run again: a rerun with
-the same arms only rewrites the table and plot; an arm whose settings changed is refused
-(use another --out or delete that arm's directory); an interrupted arm is restarted (its
-directory moved to ``<label>.interrupted``), because a resumed run would count a second
-compilation as training time.
+steps, 95% bands). A finished arm (its arms/<label>.json) is not run again: a rerun with the
+same arms only rewrites the table and plot; an arm whose settings changed is refused (use
+another --out or delete that file); an interrupted arm is restarted (its workdir moved to
+``<label>.interrupted``), because a resumed run would count a second compilation as
+training time. Relative paths in a config (data.data_dir, text.cache_dir) are from the
+current directory, as for experiments/train.py: run from the repository root.
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ class Arm:
 
 class BudgetReached(Exception):  # noqa: N818  (not an error: how an arm's training stops)
   """Raised by the recording evaluator after the evaluation that reached the time budget:
-  the loop's own ``time_budget_s`` would count the evaluations' time as training time."""
+  the loop's own ``time_budget_s`` would count the evaluations' time as training time. (That
+  last point is in the arm's record, not in the run's metrics.jsonl.)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,28 +230,28 @@ def settings_record(arm: Arm, config, minutes: float | None) -> dict:
                                 "config": config.to_dict()}, default=str))
 
 
-def run_arm(arm: Arm, config, arm_dir: pathlib.Path, minutes: float | None, probe,
-            log=print) -> dict:
+def run_arm(arm: Arm, config, done: pathlib.Path, workdir: pathlib.Path,
+            minutes: float | None, probe, log=print) -> dict:
+  """The arm's record, stored in ``done`` (``<out>/arms/<label>.json``), from its training
+  run in ``workdir``; a finished record is reused if its settings match."""
   import builders
   import evaluating
 
   settings = settings_record(arm, config, minutes)
-  done = arm_dir / "arm.json"
   if done.exists():
     stored = json.loads(done.read_text())
     if stored["settings"] != settings:
-      raise UserError(f"arm {arm.label}: {arm_dir} holds a finished arm measured with other "
+      raise UserError(f"arm {arm.label}: {done} is a finished arm measured with other "
                       f"settings ({_first_difference(stored['settings'], settings)}); use "
-                      "another --out or delete that directory.")
-    log(f"[convergence] arm {arm.label}: finished in {arm_dir}, not rerun.")
+                      "another --out or delete that file.")
+    log(f"[convergence] arm {arm.label}: finished ({done}), not rerun.")
     return stored
-  if arm_dir.exists():
-    aside = arm_dir.with_name(arm_dir.name + ".interrupted")
+  if workdir.exists():
+    aside = workdir.with_name(workdir.name + ".interrupted")
     shutil.rmtree(aside, ignore_errors=True)
-    arm_dir.rename(aside)
+    workdir.rename(aside)
     log(f"[convergence] arm {arm.label}: an unfinished run was moved to {aside}; "
         "restarting it.")
-  workdir = arm_dir / "run"
   points: list[dict] = []
 
   def make_evaluator(config, model_cfg, text_encoder, kind):
@@ -273,7 +277,7 @@ def run_arm(arm: Arm, config, arm_dir: pathlib.Path, minutes: float | None, prob
             # The first interval holds the compilation (short if .cache/jax has it).
             "first_interval": first_interval(workdir / "metrics.jsonl",
                                              config.train.batch_size)}
-  tmp = done.with_name(".arm.json.tmp")
+  tmp = done.with_name(f".{done.name}.tmp")
   tmp.write_text(json.dumps(record, indent=2))
   tmp.replace(done)
   return record
@@ -371,10 +375,10 @@ def write_report(records: list[dict], out: pathlib.Path, note: str = "", log=pri
 
 def run(*, arms: list[Arm], out, minutes: float | None, eval_every: int,
         images_per_prompt: int, eval_steps: int | None = None, steps: int | None = None,
-        probe_path=None, note: str = "", cold_compile: bool = False,
+        probe_path=None, note: str = "", cold_compile: bool = False, runs=None,
         log=print) -> list[dict]:
-  """Every arm checked, then trained and scored in turn (finished ones reused); the table
-  and plot written into ``out``. Returns the arms' records."""
+  """Every arm checked, then trained (in ``runs``/<label>) and scored in turn (finished
+  ones reused); the records, table and plot written into ``out``. Returns the records."""
   if minutes is not None and minutes <= 0:
     raise UserError(f"--minutes={minutes}; it must be positive.")
   for name, value in (("eval_every", eval_every), ("images_per_prompt", images_per_prompt),
@@ -389,10 +393,12 @@ def run(*, arms: list[Arm], out, minutes: float | None, eval_every: int,
   configs = {a.label: arm_config(a, eval_every=eval_every, images_per_prompt=images_per_prompt,
                                  eval_steps=eval_steps, steps=steps) for a in arms}
   out = pathlib.Path(out)
-  try:
-    (out / "arms").mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"--out={out}: cannot create it ({e.strerror}).") from None
+  runs = pathlib.Path(runs) if runs else ROOT / "runs" / "convergence" / out.resolve().name
+  for flag, path in (("--out", out / "arms"), ("--runs", runs)):
+    try:
+      path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"{flag}={path}: cannot create it ({e.strerror}).") from None
   import builders
 
   builders.setup_compilation_cache()
@@ -403,13 +409,14 @@ def run(*, arms: list[Arm], out, minutes: float | None, eval_every: int,
   probe = None
   records = []
   for arm in arms:
-    arm_dir = out / "arms" / arm.label
-    if probe is None and not (arm_dir / "arm.json").exists():  # loaded once, if needed
+    done = out / "arms" / f"{arm.label}.json"
+    if probe is None and not done.exists():  # loaded once, if needed
       from diffusion_jax.evaluation import probe as probe_lib
 
       probe = (probe_lib.load(probe_path) if probe_path else
                probe_lib.load_or_train(log=log))
-    records.append(run_arm(arm, configs[arm.label], arm_dir, minutes, probe, log))
+    records.append(run_arm(arm, configs[arm.label], done, runs / arm.label, minutes, probe,
+                           log))
   write_report(records, out, note, log)
   return records
 
@@ -432,7 +439,10 @@ def main(argv=None):
   parser.add_argument("--cold_compile", action="store_true",
                       help="no persistent compilation cache: every arm's time includes a "
                       "full compilation, as in a fresh clone's demo")
-  parser.add_argument("--out", default=str(ROOT / "docs" / "convergence"))
+  parser.add_argument("--out", default=str(ROOT / "docs" / "convergence"),
+                      help="table, plot and arms/<label>.json records (small files)")
+  parser.add_argument("--runs", default=None, help="the arms' training workdirs "
+                      "(default runs/convergence/<name of --out>, outside git)")
   parser.add_argument("--note", default="", help="shown in the plot title and table, e.g. "
                       "'contended machine'")
   args = parser.parse_args(argv)
@@ -441,7 +451,7 @@ def main(argv=None):
                             images_per_prompt=args.images_per_prompt,
                             eval_steps=args.eval_steps, steps=args.steps,
                             probe_path=args.probe_path, note=args.note,
-                            cold_compile=args.cold_compile))
+                            cold_compile=args.cold_compile, runs=args.runs))
 
 
 if __name__ == "__main__":

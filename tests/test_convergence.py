@@ -45,7 +45,7 @@ def _run(out, data_dir, images_per_prompt=1, log=None):
       _overrides("a", data_dir) + _overrides("b", data_dir, **{"train.num_steps": "1"}))
   return convergence.run(arms=arms, out=out, minutes=None, steps=2, eval_every=1,
                          images_per_prompt=images_per_prompt, eval_steps=2,
-                         probe_path=probe_path,
+                         probe_path=probe_path, runs=out.parent / "runs",
                          log=(log if log is not None else []).append)
 
 
@@ -66,7 +66,7 @@ def test_two_arms_table_plot_rerun_and_changed_settings(tmp_path):
       assert p["accuracy"] == p["correct"] / 48
     # The loop logged the same scores (its evaluator's scalars) at the same steps.
     lines = [json.loads(s) for s in
-             (out / "arms" / r["label"] / "run" / "metrics.jsonl").read_text().splitlines()]
+             (tmp_path / "runs" / r["label"] / "metrics.jsonl").read_text().splitlines()]
     logged = [(x["step"], x["eval/colour_shape/all"]) for x in lines
               if "eval/colour_shape/all" in x]
     assert logged == [(p["step"], p["accuracy"]) for p in points]
@@ -82,7 +82,7 @@ def test_two_arms_table_plot_rerun_and_changed_settings(tmp_path):
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
   # A rerun trains nothing and writes the same table.
-  done = out / "arms" / "a" / "arm.json"
+  done = out / "arms" / "a.json"
   stamp = done.stat().st_mtime_ns
   logs.clear()
   again = _run(out, tmp_path / "data", log=logs)
@@ -104,10 +104,11 @@ def test_the_minutes_budget_stops_a_real_run_at_an_evaluation(tmp_path):
   # Any first step takes longer than 0.01 s: the evaluation at step 2 ends the arm.
   [record] = convergence.run(arms=arms, out=tmp_path / "conv", minutes=1e-4 / 6, steps=50,
                              eval_every=2, images_per_prompt=1, eval_steps=2,
-                             probe_path=probe_path, log=lambda m: None)
+                             probe_path=probe_path, runs=tmp_path / "runs",
+                             log=lambda m: None)
   assert record["stopped_by"] == "--minutes"
   assert [p["step"] for p in record["points"]] == [2]
-  run = tmp_path / "conv" / "arms" / "a" / "run"
+  run = tmp_path / "runs" / "a"
   assert (run / "checkpoints" / "2").is_dir()  # saved before the evaluation stopped it
   assert not (run / workdir_lock.LOCK_NAME).exists()  # the lock was released
 
