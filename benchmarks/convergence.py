@@ -352,7 +352,7 @@ def plot(records: list[dict], path: pathlib.Path, note: str = "") -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
   axes[0].set_ylabel(f"ShapesEval {CATEGORY} right (95% Wilson band)")
-  axes[1].legend(fontsize=7, loc="lower right")
+  axes[1].legend(fontsize=7, loc="upper left")  # scores start low: keep them visible
   fig.suptitle("Colour and shape right against training" + (f" — {note}" if note else ""),
                fontsize=10)
   fig.tight_layout()
