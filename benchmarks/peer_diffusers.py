@@ -22,7 +22,7 @@ feed-forward) after every residual block where ours has one self- and one
 cross-attention per level, its attention width is the block's width (ours: 8 x 64), its
 mid block adds two residual blocks and a transformer at the lowest resolution, and its
 up blocks have one residual block more. So it has more parameters (24.8 M against our
-12.5 M) and about twice the FLOPs: compare GFLOP/s as well as images/s.
+12.5 M) and 1.6-1.9x our FLOPs per train step (64 / 32 px): compare GFLOP/s as well.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
 convolutions and attention, forward and backward), as the XLA cost analysis counts ours
