@@ -54,14 +54,17 @@ bench: $(STAMP)
 	$(PY) benchmarks/train.py --config=configs/demo_base.py
 	$(PY) benchmarks/train.py --config=configs/demo_sr.py
 
-# The U-Net benchmark with imagen-pytorch measured beside it. The peer is installed without
-# its declared dependencies (torchvision would pull a CUDA torch); see
-# benchmarks/peer_imagen_pytorch.py.
+# The U-Net benchmark with its peers measured beside it: imagen-pytorch, installed without
+# its declared dependencies (torchvision would pull a CUDA torch; see
+# benchmarks/peer_imagen_pytorch.py), and diffusers' UNet2DConditionModel, which comes
+# pinned with the test extras (setup.py: diffusers, torch CPU). BENCH_PEER_ARGS go to
+# benchmarks/unet.py, e.g. BENCH_PEER_ARGS=--ours_overrides=model.remat=true
+BENCH_PEER_ARGS ?=
 bench-peer: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target .cache/peer \
 	  $$($(PY) -c "import sys; sys.path.insert(0, 'benchmarks'); \
 	    import peer_imagen_pytorch as p; print(' '.join(p.PEER_PACKAGES))")
-	$(PY) benchmarks/unet.py --peer
+	$(PY) benchmarks/unet.py --peer $(BENCH_PEER_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info

@@ -70,3 +70,52 @@ def model_gflop(jitted, *args) -> float:
     cost = jitted.lower(*args).cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return float(cost.get("flops", float("nan"))) / 1e9
+
+
+def override_fields(config, overrides: str):
+  """``config`` (a frozen dataclass, e.g. a UNetConfig) with ``overrides`` applied.
+
+  ``overrides``: comma-separated ``field=value`` (a leading ``model.`` is dropped, so the
+  training config's names work: ``model.conv_impl=matmul,model.remat=true``). A value
+  takes the type of the field's current value (bool: true/false; a None field: int,
+  float or a string), or ``none`` where the field is optional. A field that does not
+  exist raises ``cli.UserError``.
+  """
+  import dataclasses
+
+  import cli
+  fields = {f.name: f for f in dataclasses.fields(config)}
+  names = set(fields)
+  changes = {}
+  for item in filter(None, (part.strip() for part in overrides.split(","))):
+    name, sep, text = item.partition("=")
+    name = name.strip().removeprefix("model.")
+    if not sep or name not in names:
+      raise cli.UserError(f"override {item!r}: use field=value with a field of "
+                          f"{type(config).__name__} ({', '.join(sorted(names))})")
+    current, text = getattr(config, name), text.strip()
+    try:
+      optional = "None" in str(fields[name].type)
+      changes[name] = None if optional and text.lower() == "none" else _parse_value(text,
+                                                                                    current)
+    except ValueError:
+      raise cli.UserError(f"override {item!r}: {text!r} is not a "
+                          f"{type(current).__name__}") from None
+  return dataclasses.replace(config, **changes)
+
+
+def _parse_value(text: str, current):
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false"):
+      raise ValueError(text)
+    return text.lower() == "true"
+  if isinstance(current, (int, float, str)):
+    return type(current)(text)
+  if current is None:
+    if text.lower() == "none":
+      return None
+    for kind in (int, float):
+      with contextlib.suppress(ValueError):
+        return kind(text)
+    return text
+  raise ValueError(text)  # tuples (levels) are not overridable from the command line

@@ -3,7 +3,8 @@
   .venv/bin/python benchmarks/unet.py                       # 32 and 64 px, batch 16
   .venv/bin/python benchmarks/unet.py --resolutions 32 --steps 3
   .venv/bin/python benchmarks/unet.py --dtype bfloat16 --ynn  # bf16 with XLA's YNN fusions
-  make bench-peer                                            # also imagen-pytorch, side by side
+  make bench-peer                                            # also imagen-pytorch, diffusers
+  .venv/bin/python benchmarks/unet.py --peer --peers diffusers --ours_overrides=model.remat=true
   .venv/bin/python benchmarks/unet.py --params              # parameter count of every preset
 
 Each resolution runs in its own subprocess, so "peak RSS" is that resolution's alone.
@@ -18,6 +19,13 @@ after ours at each resolution, so the "vs peer" columns are ratios measured side
 Without it they divide by figures recorded once on this kind of machine
 (shared/PERF-NOTES.md: 9.3 img/s training at 32 px, 1.33 img/s at 64 px, 7.5 GB peak RSS
 at 64 px), which only mean something on an idle machine of the same kind.
+
+``--peer`` also runs diffusers' UNet2DConditionModel of the closest configuration
+(benchmarks/peer_diffusers.py) in float32 and under bf16 autocast, and ours in float32
+and bfloat16, each in its own subprocess, and prints a second table: every mode's train
+and forward images/s, counted GFLOP/s and peak RSS, and ours / the best peer mode.
+``--peers`` picks which peers run; ``--ours_overrides`` (``field=value,...`` of our
+UNetConfig, ``model.`` prefix allowed) changes our network in every run of ours.
 
 The two networks share their hyperparameters (widths, blocks, attention levels, heads),
 not their architecture: imagen-pytorch adds a Perceiver text resampler, a feed-forward
@@ -39,6 +47,7 @@ import sys
 import time
 
 import common
+import peer_diffusers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
 import cli  # noqa: E402  (experiments/cli.py: one error line, exit 2)
@@ -58,7 +67,14 @@ def parse_args(argv=None):
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--ynn", action="store_true", help="XLA CPU YNN dot/conv fusions")
   parser.add_argument("--peer", action="store_true",
-                      help="also run imagen-pytorch (make bench-peer installs it)")
+                      help="also run the peers (--peers; make bench-peer installs "
+                      "imagen-pytorch)")
+  parser.add_argument("--peers", default="imagen_pytorch,diffusers",
+                      help="with --peer: which peers run (comma-separated)")
+  parser.add_argument("--peer_heads", default="count", choices=("count", "width"),
+                      help="diffusers' heads: our head count (8) or our head width (64)")
+  parser.add_argument("--ours_overrides", default="",
+                      help="field=value,... of our UNetConfig for every run of ours")
   parser.add_argument("--params", action="store_true",
                       help="print every preset's parameter count (jax.eval_shape) and exit")
   parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
@@ -73,7 +89,9 @@ def run_one(args, resolution: int) -> dict:
 
   from diffusion_jax.models import unet
 
-  config = dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat)
+  config = common.override_fields(
+      dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat),
+      args.ours_overrides)
   model = unet.UNet(config)
   inputs = unet.example_inputs(config, batch=args.batch, resolution=resolution)
   key = jax.random.key(0)
@@ -143,20 +161,35 @@ def main(argv=None):
   if args.single:
     print(json.dumps(run_one(args, args.single)))
     return
+  peers = [p for p in args.peers.split(",") if p] if args.peer else []
+  unknown = set(peers) - {"imagen_pytorch", "diffusers"}
+  if unknown:
+    raise cli.UserError(f"--peers: unknown {', '.join(sorted(unknown))}; choose from "
+                        "imagen_pytorch, diffusers")
+  from diffusion_jax.models import unet
+  if args.preset not in unet.PRESETS:
+    raise cli.UserError(f"--preset={args.preset!r}: choose one of {', '.join(unet.PRESETS)}")
+  common.override_fields(unet.PRESETS[args.preset], args.ours_overrides)  # fails early
   env = dict(os.environ)
   if args.ynn:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + YNN_FLAG).strip()
   passthrough = ["--preset", args.preset, "--batch", str(args.batch), "--steps",
-                 str(args.steps), "--dtype", args.dtype] + (["--remat"] if args.remat else [])
+                 str(args.steps), "--dtype", args.dtype, "--ours_overrides",
+                 args.ours_overrides] + (["--remat"] if args.remat else [])
   peer_script = str(pathlib.Path(__file__).with_name("peer_imagen_pytorch.py"))
-  rows = []
+  rows, diffusers_rows = [], []
   for resolution in (int(r) for r in args.resolutions.split(",")):
     ours = run_subprocess([sys.executable, __file__, *passthrough, "--single",
                            str(resolution)], env)
     if ours is None:
       continue
+    if "diffusers" in peers:
+      diffusers_rows.append(peer_diffusers.measure_beside(
+          args, resolution, ours, run_subprocess, env,
+          lambda dtype, r=resolution: [sys.executable, __file__, *passthrough, "--dtype", dtype,
+                                       "--single", str(r)]))
     peer = PEER.get(resolution, {})
-    if args.peer:
+    if "imagen_pytorch" in peers:
       measured = run_subprocess([sys.executable, peer_script, "--resolution", str(resolution),
                                  "--batch", str(args.batch), "--steps", str(args.steps)],
                                 dict(os.environ))
@@ -183,6 +216,12 @@ def main(argv=None):
       print(f"  {r['resolution']} px peer: {peer['params'] / 1e6:.2f}M params, "
             f"{peer['train']:.2f} train img/s, {peer['forward']:.1f} fwd img/s, "
             f"{peer['rss_gb']:.2f} GB peak RSS")
+  if diffusers_rows:
+    peer_diffusers.print_table(
+        [cells for rows_at in diffusers_rows for cells in rows_at],
+        f"diffusers UNet2DConditionModel ({args.peer_heads} heads) beside ours "
+        f"({args.preset}{', ' + args.ours_overrides if args.ours_overrides else ''}), "
+        f"batch {args.batch}, median of {args.steps} steps; x = ours / the best peer mode")
 
 
 if __name__ == "__main__":
