@@ -56,6 +56,9 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--conv_impl", default="xla",
+                      choices=["xla", "matmul", "shifted"],
+                      help="how convolutions run (diffusion_jax/models/fast_conv.py)")
   parser.add_argument("--ynn", action="store_true", help="XLA CPU YNN dot/conv fusions")
   parser.add_argument("--peer", action="store_true",
                       help="also run imagen-pytorch (make bench-peer installs it)")
@@ -73,7 +76,8 @@ def run_one(args, resolution: int) -> dict:
 
   from diffusion_jax.models import unet
 
-  config = dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat)
+  config = dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat,
+                               conv_impl=args.conv_impl)
   model = unet.UNet(config)
   inputs = unet.example_inputs(config, batch=args.batch, resolution=resolution)
   key = jax.random.key(0)
@@ -147,7 +151,8 @@ def main(argv=None):
   if args.ynn:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + YNN_FLAG).strip()
   passthrough = ["--preset", args.preset, "--batch", str(args.batch), "--steps",
-                 str(args.steps), "--dtype", args.dtype] + (["--remat"] if args.remat else [])
+                 str(args.steps), "--dtype", args.dtype, "--conv_impl", args.conv_impl] + (
+                     ["--remat"] if args.remat else [])
   peer_script = str(pathlib.Path(__file__).with_name("peer_imagen_pytorch.py"))
   rows = []
   for resolution in (int(r) for r in args.resolutions.split(",")):
@@ -164,7 +169,8 @@ def main(argv=None):
         peer = dict(train=measured["train_ips"], forward=measured["forward_ips"],
                     rss_gb=measured["rss_gb"], params=measured["params"], measured=True)
     rows.append((ours, peer))
-  flags = f"{args.dtype}{' remat' if args.remat else ''}{' ynn' if args.ynn else ''}"
+  flags = (f"{args.dtype} conv={args.conv_impl}{' remat' if args.remat else ''}"
+           f"{' ynn' if args.ynn else ''}")
   print(f"\nU-Net {args.preset} ({flags}), batch {args.batch}, median of {args.steps} steps")
   header = ("res", "params", "GFLOP/step", "train img/s", "vs peer", "fwd img/s", "vs peer",
             "GFLOP/s", "% of peak", "peak RSS GB", "vs peer", "compile s", "peer")

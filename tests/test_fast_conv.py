@@ -75,15 +75,6 @@ def test_conv2d_explicit_padding_and_bfloat16():
   np.testing.assert_allclose(low.astype(jnp.float32), reference(x, kernel, 1), atol=0.1)
 
 
-def test_resolve_picks_matmul_on_cpu_only():
-  assert fast_conv.resolve("auto", "cpu") == "matmul"
-  assert fast_conv.resolve("auto", "tpu") == "xla"
-  assert fast_conv.resolve("auto", "gpu") == "xla"
-  assert fast_conv.resolve("shifted", "tpu") == "shifted"
-  with pytest.raises(ValueError, match="conv_impl must be one of"):
-    fast_conv.resolve("fft")
-
-
 def test_unsupported_convolutions_fall_back_to_lax():
   conv = fast_conv.conv_general_dilated("matmul")
   x = jax.random.normal(jax.random.key(3), (1, 6, 6, 4))
@@ -93,6 +84,8 @@ def test_unsupported_convolutions_fall_back_to_lax():
   np.testing.assert_allclose(grouped, jax.lax.conv_general_dilated(
       x, kernel, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2), rtol=1e-6)
   assert fast_conv.conv_general_dilated("xla") is jax.lax.conv_general_dilated
+  with pytest.raises(ValueError, match="conv_impl must be one of"):
+    fast_conv.conv_general_dilated("fft")
 
 
 @pytest.mark.parametrize("impl", ["matmul", "shifted"])

@@ -24,30 +24,25 @@ parameters ('kernel' [kh, kw, Cin, Cout], 'bias' [Cout]), their initialisers and
 axis names stay nn.Conv's, so a checkpoint does not know which implementation trained it.
 Anything other than an NHWC / HWIO convolution without dilation or feature groups falls
 back to ``lax.conv_general_dilated``.
+
+Measured on a 2-core Zen 5 under XLA:CPU (jax 0.10.2; benchmarks/train.py --conv_impls):
+both are slower than lax.conv at the demo and bench-peer widths (32-256 channels), so
+'xla' is the default. XLA:CPU's convolutions form their patches in cache, whereas here the
+k*k-times larger patch tensors (and their gradients) go through memory, and XLA:CPU
+transposes the operands of the kernel-gradient dot (its contraction is over positions, the
+major axis). On TPU / GPU lax.conv is the one to use anyway.
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-# The values of ``UNetConfig.conv_impl`` / ``config.model.conv_impl``. "auto" is "matmul"
-# on CPU backends and "xla" elsewhere (TPU and GPU convolution units are what lax.conv uses).
-IMPLS = ("xla", "matmul", "shifted", "auto")
+# The values of ``UNetConfig.conv_impl`` / ``config.model.conv_impl``.
+IMPLS = ("xla", "matmul", "shifted")
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # ConvDimensionNumbers of NHWC / HWIO
-
-
-def resolve(impl: str, backend: str | None = None) -> str:
-  """The concrete implementation ('xla', 'matmul' or 'shifted') ``impl`` means on
-  ``backend`` (default: JAX's default backend)."""
-  if impl not in IMPLS:
-    raise ValueError(f"conv_impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-  if impl != "auto":
-    return impl
-  return "matmul" if (backend or jax.default_backend()) == "cpu" else "xla"
 
 
 def _taps(padded: jnp.ndarray, kernel_hw, strides, out_hw):
@@ -100,7 +95,8 @@ def conv_general_dilated(impl: str):
   """A ``lax.conv_general_dilated`` replacement for ``nn.Conv(conv_general_dilated=...)``
   that runs 2-D NHWC convolutions as ``conv2d(impl=impl)``; ``impl`` 'xla' (or anything
   ``conv2d`` does not cover) is lax's own."""
-  impl = resolve(impl)
+  if impl not in IMPLS:
+    raise ValueError(f"conv_impl must be one of {', '.join(IMPLS)}, got {impl!r}")
   if impl == "xla":
     return lax.conv_general_dilated
 

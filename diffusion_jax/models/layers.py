@@ -92,8 +92,7 @@ def conv(features: int, dtype: Dtype, kernel_size: int = 3, strides: int = 1, na
   """A 'SAME'-padded 2-D convolution whose kernel is named (_, _, conv_in, conv_out).
 
   ``impl`` (``fast_conv.IMPLS``): 'xla' is lax.conv; 'matmul' / 'shifted' compute it with
-  dots (``fast_conv.conv2d``); 'auto' is 'matmul' on CPU, 'xla' elsewhere. The parameters
-  are nn.Conv's whichever runs.
+  dots (``fast_conv.conv2d``). The parameters are nn.Conv's whichever runs.
   """
   kernel_init = (nn.initializers.zeros_init() if zero_init
                  else nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"))

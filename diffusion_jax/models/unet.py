@@ -65,8 +65,8 @@ class UNetConfig:
       memory of one block instead of all, for about one more forward pass of compute.
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
     conv_impl: how convolutions are computed (``fast_conv.IMPLS``): 'xla' (lax.conv),
-      'matmul' (im2col + one dot), 'shifted' (one dot per kernel tap) or 'auto' ('matmul'
-      on CPU, 'xla' on TPU / GPU). The parameters are the same whichever is chosen.
+      'matmul' (im2col + one dot) or 'shifted' (one dot per kernel tap). The parameters
+      are the same whichever is chosen.
     resolution, text_width, text_length: the input sizes the preset was designed for
       (used by shape checks and benchmarks; the module accepts any divisible size).
   """
