@@ -46,6 +46,7 @@ import cli  # noqa: E402  (experiments/cli.py: one error line, exit 2)
 PEER = {32: dict(train=9.3, forward=16 / 0.53, rss_gb=2.3),
         64: dict(train=1.33, forward=16 / 3.85, rss_gb=7.5)}
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
+HUGEPAGES = "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
 
 
 def parse_args(argv=None):
@@ -60,6 +61,9 @@ def parse_args(argv=None):
                       choices=["xla", "matmul", "shifted"],
                       help="how convolutions run (diffusion_jax/models/fast_conv.py)")
   parser.add_argument("--ynn", action="store_true", help="XLA CPU YNN dot/conv fusions")
+  parser.add_argument("--hugepages", action="store_true",
+                      help=f"run with {HUGEPAGES} (glibc's malloc asks for transparent huge "
+                      "pages, so XLA's large buffers fault in far fewer pages)")
   parser.add_argument("--peer", action="store_true",
                       help="also run imagen-pytorch (make bench-peer installs it)")
   parser.add_argument("--params", action="store_true",
@@ -150,6 +154,9 @@ def main(argv=None):
   env = dict(os.environ)
   if args.ynn:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + YNN_FLAG).strip()
+  if args.hugepages:
+    name, value = HUGEPAGES.split("=", 1)
+    env[name] = ":".join(x for x in (env.get(name), value) if x)
   passthrough = ["--preset", args.preset, "--batch", str(args.batch), "--steps",
                  str(args.steps), "--dtype", args.dtype, "--conv_impl", args.conv_impl] + (
                      ["--remat"] if args.remat else [])
@@ -170,7 +177,7 @@ def main(argv=None):
                     rss_gb=measured["rss_gb"], params=measured["params"], measured=True)
     rows.append((ours, peer))
   flags = (f"{args.dtype} conv={args.conv_impl}{' remat' if args.remat else ''}"
-           f"{' ynn' if args.ynn else ''}")
+           f"{' ynn' if args.ynn else ''}{' hugepages' if args.hugepages else ''}")
   print(f"\nU-Net {args.preset} ({flags}), batch {args.batch}, median of {args.steps} steps")
   header = ("res", "params", "GFLOP/step", "train img/s", "vs peer", "fwd img/s", "vs peer",
             "GFLOP/s", "% of peak", "peak RSS GB", "vs peer", "compile s", "peer")
