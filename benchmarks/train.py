@@ -3,6 +3,8 @@ r"""Train-step throughput of any experiment config: steps/s, images/s, efficienc
   .venv/bin/python benchmarks/train.py --config=configs/demo_base.py
   .venv/bin/python benchmarks/train.py --config=configs/demo_sr.py --steps=5 \
       --config.train.batch_size=64 --config.model.remat=True
+  .venv/bin/python benchmarks/train.py --config=configs/demo_base.py \
+      --conv_impls=xla,matmul --steps=5 --rounds=3     # conv implementations side by side
 
 Builds what experiments/train.py builds from the config (U-Net, optimizer, the train step
 with its state sharded and donated, on the config's mesh; a frozen text encoder only, as
@@ -12,6 +14,20 @@ benchmarks/data.py and benchmarks/text.py for those), and prints one table row:
 median step time, steps/s, images/s, model GFLOP per step (benchmarks/common.py), achieved
 GFLOP/s as a fraction of a float32 matmul's (measured in the same process, right after
 the timed steps), and the process's peak RSS.
+
+``--conv_impls`` builds one train step per ``config.model.conv_impl`` value and times them
+in alternating rounds in one process, so that a shared machine's changing load slows them
+alike; the ratio of steps/s to the first is printed with each one's range over rounds.
+Measured so on 2026-12-01 (2-core Zen 5, jax 0.10.2, float32, a machine shared with three
+other jobs: ratios only), matmul / xla steps/s: demo_base 0.40x (xla 0.79-0.88 steps/s,
+matmul 0.31-0.44), demo_sr 0.47x (xla 1.22-1.31, matmul 0.49-0.90), the bench-peer preset
+imagen_pytorch_cpu at 32 px, batch 16, 0.84x; 'shifted' 0.43x on demo_base. The model
+FLOPs counted for matmul are 7-10% higher (XLA counts the patch concatenation's adds).
+
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment lets glibc's malloc back large
+allocations with transparent huge pages (this machine's THP mode is 'madvise'): XLA:CPU
+allocates fresh buffers every step, and in this VM faulting them in 4 KiB at a time is slow
+(a 37 MB copy: 43 ms without, 6 ms with, 148 k vs 0.3 k page faults).
 """
 
 from __future__ import annotations
