@@ -27,7 +27,9 @@ FLOPs counted for matmul are 7-10% higher (XLA counts the patch concatenation's 
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment lets glibc's malloc back large
 allocations with transparent huge pages (this machine's THP mode is 'madvise'): XLA:CPU
 allocates fresh buffers every step, and in this VM faulting them in 4 KiB at a time is slow
-(a 37 MB copy: 43 ms without, 6 ms with, 148 k vs 0.3 k page faults).
+(a 37 MB copy: 43 ms without, 6 ms with, 148 k vs 0.3 k page faults). Alternating
+processes with and without it (same day, contended): demo_base 1.13-1.28x steps/s over
+three pairs, demo_sr 0.98-0.99x over two (no gain).
 """
 
 from __future__ import annotations
