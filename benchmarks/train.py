@@ -21,7 +21,8 @@ alike; the ratio of steps/s to the first is printed with each one's range over r
 Measured so on 2026-12-01 (2-core Zen 5, jax 0.10.2, float32, a machine shared with three
 other jobs: ratios only), matmul / xla steps/s: demo_base 0.40x (xla 0.79-0.88 steps/s,
 matmul 0.31-0.44), demo_sr 0.47x (xla 1.22-1.31, matmul 0.49-0.90), the bench-peer preset
-imagen_pytorch_cpu at 32 px, batch 16, 0.84x; 'shifted' 0.43x on demo_base. The model
+imagen_pytorch_cpu at 32 px, batch 16, 0.84x (bfloat16 with benchmarks/unet.py's YNN
+XLA flag: 0.64x); 'shifted' 0.43x on demo_base. The model
 FLOPs counted for matmul are 7-10% higher (XLA counts the patch concatenation's adds).
 
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment lets glibc's malloc back large
