@@ -55,6 +55,7 @@ import cli  # noqa: E402  (experiments/cli.py: one error line, exit 2)
 PEER = {32: dict(train=9.3, forward=16 / 0.53, rss_gb=2.3),
         64: dict(train=1.33, forward=16 / 3.85, rss_gb=7.5)}
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
+HUGEPAGES = "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
 
 
 def parse_args(argv=None):
@@ -65,7 +66,13 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--conv_impl", default="xla",
+                      choices=["xla", "matmul", "shifted"],
+                      help="how convolutions run (diffusion_jax/models/fast_conv.py)")
   parser.add_argument("--ynn", action="store_true", help="XLA CPU YNN dot/conv fusions")
+  parser.add_argument("--hugepages", action="store_true",
+                      help=f"run with {HUGEPAGES} (glibc's malloc asks for transparent huge "
+                      "pages, so XLA's large buffers fault in far fewer pages)")
   parser.add_argument("--peer", action="store_true",
                       help="also run the peers (--peers; make bench-peer installs "
                       "imagen-pytorch)")
@@ -90,7 +97,8 @@ def run_one(args, resolution: int) -> dict:
   from diffusion_jax.models import unet
 
   config = common.override_fields(
-      dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat),
+      dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat,
+                          conv_impl=args.conv_impl),
       args.ours_overrides)
   model = unet.UNet(config)
   inputs = unet.example_inputs(config, batch=args.batch, resolution=resolution)
@@ -173,9 +181,12 @@ def main(argv=None):
   env = dict(os.environ)
   if args.ynn:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + YNN_FLAG).strip()
+  if args.hugepages:
+    name, value = HUGEPAGES.split("=", 1)
+    env[name] = ":".join(x for x in (env.get(name), value) if x)
   passthrough = ["--preset", args.preset, "--batch", str(args.batch), "--steps",
-                 str(args.steps), "--dtype", args.dtype, "--ours_overrides",
-                 args.ours_overrides] + (["--remat"] if args.remat else [])
+                 str(args.steps), "--dtype", args.dtype, "--conv_impl", args.conv_impl,
+                 "--ours_overrides", args.ours_overrides] + (["--remat"] if args.remat else [])
   peer_script = str(pathlib.Path(__file__).with_name("peer_imagen_pytorch.py"))
   rows, diffusers_rows = [], []
   for resolution in (int(r) for r in args.resolutions.split(",")):
@@ -197,7 +208,8 @@ def main(argv=None):
         peer = dict(train=measured["train_ips"], forward=measured["forward_ips"],
                     rss_gb=measured["rss_gb"], params=measured["params"], measured=True)
     rows.append((ours, peer))
-  flags = f"{args.dtype}{' remat' if args.remat else ''}{' ynn' if args.ynn else ''}"
+  flags = (f"{args.dtype} conv={args.conv_impl}{' remat' if args.remat else ''}"
+           f"{' ynn' if args.ynn else ''}{' hugepages' if args.hugepages else ''}")
   print(f"\nU-Net {args.preset} ({flags}), batch {args.batch}, median of {args.steps} steps")
   header = ("res", "params", "GFLOP/step", "train img/s", "vs peer", "fwd img/s", "vs peer",
             "GFLOP/s", "% of peak", "peak RSS GB", "vs peer", "compile s", "peer")

@@ -29,6 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"          # compute dtype: float32 or bfloat16 (params stay f32)
   c.model.remat = False
   c.model.dropout = 0.0
+  # How convolutions run (diffusion_jax/models/fast_conv.py): xla (lax.conv, the fastest on
+  # CPU as measured), matmul (im2col + one dot) or shifted (a dot per kernel tap). Same
+  # parameters and results (up to float rounding) whichever: a resumed run may change it.
+  c.model.conv_impl = "xla"
 
   # What the network learns (diffusion_jax.diffusion).
   c.diffusion = ml_collections.ConfigDict()
@@ -172,7 +176,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.allow_data_restart", "train.recover_from_intact",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
     "optimizer.final_lr_fraction",
-    "model.remat",
+    "model.remat", "model.conv_impl",
     "data.data_dir", "data.source_dir", "data.prepare", "text.cache_dir",
     "mesh.*", "distributed.*", "eval.*",
 )

@@ -17,6 +17,7 @@ from cli import UserError  # noqa: F401  (one UserError for every script; re-exp
 from diffusion_jax import sharding
 from diffusion_jax import text as text_lib
 from diffusion_jax.diffusion import noise_levels, preconditioning, schedules
+from diffusion_jax.models import fast_conv
 from diffusion_jax.models import unet as unet_lib
 from diffusion_jax.training import loop as loop_lib
 from diffusion_jax.training import state as state_lib
@@ -45,8 +46,12 @@ def unet_config(config: ml_collections.ConfigDict) -> unet_lib.UNetConfig:
                       f"of {', '.join(unet_lib.PRESETS)}.")
   if m.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={m.dtype!r}; use float32 or bfloat16.")
+  conv_impl = m.get("conv_impl", "xla")  # configs stored before the field: the default
+  if conv_impl not in fast_conv.IMPLS:
+    raise ConfigError(f"config.model.conv_impl={conv_impl!r}; use one of "
+                      f"{', '.join(fast_conv.IMPLS)}.")
   cfg = dataclasses.replace(unet_lib.PRESETS[m.preset], dtype=m.dtype, remat=m.remat,
-                            dropout=m.dropout)
+                            dropout=m.dropout, conv_impl=conv_impl)
   res = config.data.resolution
   factor = 2 ** (len(cfg.levels) - 1)
   if res % factor:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import sharding
+from diffusion_jax.models import fast_conv
 
 Dtype = Any
 
@@ -87,13 +88,17 @@ class HeadsProjection(nn.Module):
 
 
 def conv(features: int, dtype: Dtype, kernel_size: int = 3, strides: int = 1, name=None,
-         zero_init: bool = False) -> nn.Conv:
-  """A 'SAME'-padded 2-D convolution whose kernel is named (_, _, conv_in, conv_out)."""
+         zero_init: bool = False, impl: str = "xla") -> nn.Conv:
+  """A 'SAME'-padded 2-D convolution whose kernel is named (_, _, conv_in, conv_out).
+
+  ``impl`` (``fast_conv.IMPLS``): 'xla' is lax.conv; 'matmul' / 'shifted' compute it with
+  dots (``fast_conv.conv2d``). The parameters are nn.Conv's whichever runs.
+  """
   kernel_init = (nn.initializers.zeros_init() if zero_init
                  else nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"))
   return nn.Conv(
       features, (kernel_size, kernel_size), strides=(strides, strides), padding="SAME",
-      dtype=dtype, name=name,
+      dtype=dtype, name=name, conv_general_dilated=fast_conv.conv_general_dilated(impl),
       kernel_init=_partitioned(kernel_init, (None, None, "conv_in", "conv_out")),
       bias_init=_partitioned(nn.initializers.zeros_init(), ("conv_out",)))
 
@@ -364,18 +369,21 @@ class ResBlock(nn.Module):
   out_channels: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  conv_impl: str = "xla"  # fast_conv.IMPLS
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, cond: jnp.ndarray, train: bool) -> jnp.ndarray:
     h = nn.silu(group_norm(x.shape[-1], self.dtype, name="norm_in")(x))
-    h = image_constraint(conv(self.out_channels, self.dtype, name="conv_in")(h))
+    h = image_constraint(conv(self.out_channels, self.dtype, name="conv_in",
+                              impl=self.conv_impl)(h))
     film = dense(2 * self.out_channels, "embed", "mlp", self.dtype, name="film")(nn.silu(cond))
     scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
     h = group_norm(self.out_channels, self.dtype, name="norm_out")(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-    h = conv(self.out_channels, self.dtype, name="conv_out", zero_init=True)(h)
+    h = conv(self.out_channels, self.dtype, name="conv_out", zero_init=True,
+             impl=self.conv_impl)(h)
     skip = x if x.shape[-1] == self.out_channels else conv(
-        self.out_channels, self.dtype, kernel_size=1, name="skip")(x)
+        self.out_channels, self.dtype, kernel_size=1, name="skip", impl=self.conv_impl)(x)
     return image_constraint(h + skip)
 
 
@@ -384,10 +392,12 @@ class Downsample(nn.Module):
 
   out_channels: int
   dtype: Dtype = jnp.float32
+  conv_impl: str = "xla"  # fast_conv.IMPLS
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    return image_constraint(conv(self.out_channels, self.dtype, strides=2, name="conv")(x))
+    return image_constraint(conv(self.out_channels, self.dtype, strides=2, name="conv",
+                                 impl=self.conv_impl)(x))
 
 
 class Upsample(nn.Module):
@@ -395,6 +405,7 @@ class Upsample(nn.Module):
 
   out_channels: int
   dtype: Dtype = jnp.float32
+  conv_impl: str = "xla"  # fast_conv.IMPLS
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -402,4 +413,5 @@ class Upsample(nn.Module):
     # A broadcast + reshape is a plain copy; jax.image.resize would build a gather.
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
     x = x.reshape(batch, 2 * height, 2 * width, channels)
-    return image_constraint(conv(self.out_channels, self.dtype, name="conv")(x))
+    return image_constraint(conv(self.out_channels, self.dtype, name="conv",
+                                 impl=self.conv_impl)(x))

@@ -64,6 +64,9 @@ class UNetConfig:
     remat: rematerialise every block in the backward pass (``nn.remat``): activation
       memory of one block instead of all, for about one more forward pass of compute.
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
+    conv_impl: how convolutions are computed (``fast_conv.IMPLS``): 'xla' (lax.conv),
+      'matmul' (im2col + one dot) or 'shifted' (one dot per kernel tap). The parameters
+      are the same whichever is chosen.
     resolution, text_width, text_length: the input sizes the preset was designed for
       (used by shape checks and benchmarks; the module accepts any divisible size).
   """
@@ -82,6 +85,7 @@ class UNetConfig:
   super_resolution: bool = False
   remat: bool = False
   dtype: str = "float32"
+  conv_impl: str = "xla"
   resolution: int = 64
   lowres_resolution: int | None = None
   text_width: int = 256
@@ -108,10 +112,12 @@ class ResAttentionBlock(nn.Module):
   head_dim: int
   dropout: float
   dtype: jnp.dtype
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, cond, context, context_mask, train: bool):
-    h = layers.ResBlock(self.out_channels, self.dropout, self.dtype, name="res")(x, cond, train)
+    h = layers.ResBlock(self.out_channels, self.dropout, self.dtype, self.conv_impl,
+                        name="res")(x, cond, train)
     if self.self_attention:
       h = layers.SelfAttention(self.num_heads, self.head_dim, self.dtype, name="self_attn")(h)
     if self.cross_attention:
@@ -200,25 +206,28 @@ class UNet(nn.Module):
         h = block_cls(
             channels, level.self_attention and with_attention,
             level.cross_attention and with_attention, cfg.num_heads,
-            cfg.heads_dim(channels), cfg.dropout, dtype,
+            cfg.heads_dim(channels), cfg.dropout, dtype, cfg.conv_impl,
             name=f"{direction}_{level_index}_block_{j}")(h, cond, context, text_mask, train)
       return h
 
-    h = layers.image_constraint(layers.conv(cfg.channels(0), dtype, name="stem")(h.astype(dtype)))
+    conv_impl = cfg.conv_impl
+    h = layers.image_constraint(layers.conv(cfg.channels(0), dtype, name="stem",
+                                            impl=conv_impl)(h.astype(dtype)))
     skips = []
     for i in range(len(cfg.levels)):
       if i > 0:  # DBlock: downsample first, then the blocks run at the lower resolution.
-        h = layers.Downsample(cfg.channels(i), dtype, name=f"down_{i}_resample")(h)
+        h = layers.Downsample(cfg.channels(i), dtype, conv_impl, name=f"down_{i}_resample")(h)
       h = level_blocks(h, i, "down")
       skips.append(h)
     for i in reversed(range(len(cfg.levels))):
       h = jnp.concatenate([h, skips.pop() * jnp.asarray(SKIP_SCALE, dtype)], axis=-1)
       h = level_blocks(h, i, "up")
       if i > 0:  # UBlock: the blocks run first, then upsample.
-        h = layers.Upsample(cfg.channels(i - 1), dtype, name=f"up_{i}_resample")(h)
+        h = layers.Upsample(cfg.channels(i - 1), dtype, conv_impl, name=f"up_{i}_resample")(h)
 
     h = nn.silu(layers.group_norm(h.shape[-1], dtype, name="out_norm")(h))
-    out = layers.conv(cfg.out_channels, dtype, name="out_conv", zero_init=True)(h)
+    out = layers.conv(cfg.out_channels, dtype, name="out_conv", zero_init=True,
+                      impl=conv_impl)(h)
     return out.astype(x_t.dtype)
 
 
