@@ -133,6 +133,8 @@ def test_a_schedule_argument_in_the_wrong_place_says_where_it_goes(override, hin
                                "--steps=abc"], "--steps=abc: not a list of integers"),
     ("experiments/demo.py", ["--steps=abc"], "flag --steps=abc"),
     ("experiments/demo.py", ["--base_minutes=-1"], "--base_minutes=-1.0; it must be positive"),
+    ("experiments/demo.py", ["--eval_images_per_prompt=-1"],
+     "--eval_images_per_prompt=-1; it must be >= 0"),
     ("benchmarks/train.py", ["--config=configs/demo_base.py:smoke", "--steps=0"],
      "--steps=0; time at least 1 step"),
 ])
