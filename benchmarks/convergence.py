@@ -224,10 +224,19 @@ def recording_evaluator(inner, workdir: pathlib.Path, points: list, budget_s: fl
   return evaluate
 
 
+# Where files live, not what is trained: a rerun from another checkout or data directory
+# reuses the arm.
+_WHERE_FILES_LIVE = (("data", "data_dir"), ("data", "source_dir"), ("data", "prepare"),
+                     ("text", "cache_dir"))
+
+
 def settings_record(arm: Arm, config, minutes: float | None) -> dict:
   """What an arm's result depends on, compared when a rerun finds the arm finished."""
-  return json.loads(json.dumps({"spec": arm.spec, "minutes": minutes,
-                                "config": config.to_dict()}, default=str))
+  record = json.loads(json.dumps({"spec": arm.spec, "minutes": minutes,
+                                  "config": config.to_dict()}, default=str))
+  for section, field in _WHERE_FILES_LIVE:
+    record["config"].get(section, {}).pop(field, None)
+  return record
 
 
 def run_arm(arm: Arm, config, done: pathlib.Path, workdir: pathlib.Path,
