@@ -96,10 +96,38 @@ def load_fid_features(fid_weights, fd_images: int):
     raise UserError(f"--fid_weights: {e}") from None
 
 
+def load_clip_scorer(path):
+  """The CLIP of --clip_score_model (a CLIP directory: trained here by
+  experiments/train_clip.py, or a Hugging Face CLIPModel), or UserError (one line)."""
+  from diffusion_jax.models import clip as clip_lib
+
+  try:
+    return clip_lib.load(path)
+  except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
+    raise UserError(f"--clip_score_model={path}: {e}") from None
+
+
+def clip_score_of(clip, images_uint8: np.ndarray, prompts: list[str], model: str) -> dict:
+  """CLIP score (100 x the cosine clipped at 0, averaged over image-prompt pairs, as
+  evaluation.clip_score) of the scored images and their prompts, with a normal 95% interval
+  of the mean over images."""
+  from diffusion_jax.evaluation import clip_score
+
+  images = images_uint8.astype(np.float32) / 127.5 - 1.0
+  image_emb = clip_score.image_embeddings(clip, images)
+  text_emb = np.asarray(clip.encode_prompts(list(prompts)))
+  per_image = np.maximum(100.0 * np.sum(image_emb * text_emb, axis=1), 0.0)
+  half = 1.959964 * per_image.std(ddof=1) / np.sqrt(len(per_image)) if len(per_image) > 1 \
+      else float("nan")
+  value = float(per_image.mean())
+  return {"value": value, "ci95": [value - half, value + half], "num_images": len(prompts),
+          "model": str(model)}
+
+
 def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_per_prompt=4,
                    batch_size=48, fd_images=200, probe=None, probe_dir=None,
-                   probe_path=None, features=None, fid_weights=None, seed=0, log=print,
-                   **sampler_kwargs) -> dict:
+                   probe_path=None, features=None, fid_weights=None, clip_score_model=None,
+                   seed=0, log=print, **sampler_kwargs) -> dict:
   """Evaluates a cascade (training ``workdirs`` or exported ``stages``, base first) on
   ShapesEval and FD-probe; writes eval.json, eval.md and examples.png into ``outdir`` and
   returns eval.json's content. ``sampler_kwargs``: sample.py's flags (checkpoint_steps,
@@ -108,7 +136,9 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   into ``probe_dir``. ``features``: the Frechet distance's feature extractor (images
   [B, H, W, 3] uint8 -> [B, D]); default the probe's (FD-probe). ``fid_weights``: an
   Inception-v3 weights file (``diffusion_jax.evaluation.inception``): FID on FD-probe's
-  images too, under ``"fid"``; checked (and loaded) before anything is sampled."""
+  images too, under ``"fid"``; checked (and loaded) before anything is sampled.
+  ``clip_score_model``: a CLIP directory: the CLIP score of the suite's images and prompts
+  under ``"clip_score"`` (loaded before anything is sampled)."""
   import jax
 
   from diffusion_jax import images as images_lib
@@ -118,6 +148,7 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   categories = list(categories) if categories else list(shapes_eval.CATEGORIES)
   _check(categories, images_per_prompt, fd_images, batch_size)
   fid_net = load_fid_features(fid_weights, fd_images) if fid_weights else None
+  clip = load_clip_scorer(clip_score_model) if clip_score_model else None
   cascade, described, text_meta = sampling.prepare_cascade(workdirs=workdirs, stages=stages,
                                                            **sampler_kwargs)
   max_objects = _max_objects(list(workdirs or []))
@@ -140,6 +171,8 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
       sample_fn, categories, images_per_prompt, batch_size, shapes_eval.Progress())
   shapes_eval.judge_records(records, probe.read(images))
   summary = shapes_eval.summarise(records)
+  clip_result = (clip_score_of(clip, images, [r["prompt"] for r in records], clip_score_model)
+                 if clip is not None else None)
   resolution = described[-1]["resolution"]
   fd = None
   if fd_images:
@@ -151,7 +184,7 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
     fid.update(weights=str(fid_weights), input_size=fid_net.settings.input_size,
                width=fid_net.settings.width)
   result = {
-      "summary": summary, "fd_probe": fd, "fid": fid,
+      "summary": summary, "fd_probe": fd, "fid": fid, "clip_score": clip_result,
       "probe": {"settings": dataclasses.asdict(probe.settings), "accuracy_on_real": accuracy,
                 "train_seconds": probe.info.get("train_seconds")},
       "config": {"workdirs": list(workdirs or []), "stages_dirs": list(stages or []),
@@ -159,6 +192,8 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
                  "images_per_prompt": images_per_prompt, "seed": seed,
                  "batch_size": batch_size, "fd_images": fd_images,
                  "fid_weights": None if fid_weights is None else str(fid_weights),
+                 "clip_score_model": None if clip_score_model is None else
+                 str(clip_score_model),
                  "sampler_flags": {k: v for k, v in sampler_kwargs.items() if v is not None}},
       "seconds": round(time.time() - start, 1),
       "records": records,
@@ -176,6 +211,11 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
               f"{fid['num_images']} images, {resolution} px resized to {fid['input_size']}): "
               f"{fid['generated_vs_real']:.3f} (real vs real: {fid['real_vs_real_floor']:.3f})")
     md.append("")
+  if clip_result:
+    low, high = clip_result["ci95"]
+    md.append(f"CLIP score ({clip_result['num_images']} images, {clip_score_model}): "
+              f"{clip_result['value']:.2f} [{low:.2f}, {high:.2f}]")
+    md.append("")
   md += ["The probe on real images (its own accuracy):", "", probe_accuracy.markdown(accuracy)]
   (out / "eval.md").write_text("\n".join(md) + "\n")
   images_lib.save_png(shapes_eval.example_grid(records, images), out / "examples.png")
@@ -190,11 +230,12 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
 
 def training_evaluator(config, model_cfg, text_encoder, kind=None, log=print, probe=None):
   """An ``evaluator(state, step) -> {name: scalar}`` for the training loop (ShapesEval's
-  ``config.eval.categories`` on the EMA params), or None when ``config.eval.every`` is 0 or
-  the stage cannot be scored alone (a super-resolution stage needs its base stage; a
-  jointly trained text encoder or several processes are not supported yet). ``kind``: the
-  stage kind training uses (``diffusion_jax.stage_kinds``; default pixels), which decodes
-  the samples. ``probe``: default the cached one (trained on first use)."""
+  ``config.eval.categories`` on the EMA params; for a stage trained on a labelled real-data set,
+  its judge's class accuracy: evaluating_labelled.training_evaluator), or None when
+  ``config.eval.every`` is 0 or the stage cannot be scored alone (a super-resolution stage needs
+  its base stage; a jointly trained text encoder or several processes are not supported yet).
+  ``kind``: the stage kind training uses (``diffusion_jax.stage_kinds``; default pixels), which
+  decodes the samples. ``probe``: default the cached one (trained on first use)."""
   import jax
 
   from diffusion_jax import cascade as cascade_lib
@@ -218,18 +259,24 @@ def training_evaluator(config, model_cfg, text_encoder, kind=None, log=print, pr
     log(f"[eval] config.eval.every={e.every} ignored: in-training ShapesEval does not "
         f"support {why_not}.")
     return None
-  try:
-    shapes_eval.suite(list(e.categories))
-  except ValueError as err:
-    raise UserError(f"config.eval.categories: {err}") from None
+  import evaluating_labelled
+
+  labelled = evaluating_labelled.labelled_dataset(config)
+  if not labelled:
+    try:
+      shapes_eval.suite(list(e.categories))
+    except ValueError as err:
+      raise UserError(f"config.eval.categories: {err}") from None
   # The stage as sampling will load it (schedule and its arguments, preconditioning, the
   # kind's defaults), with the eval section's steps and guidance.
   _, spec = sampling.workdir_stage_spec("the training run", config, None,
                                         num_steps=e.num_steps, guidance_scale=e.guidance_scale)
   model = unet_lib.UNet(model_cfg)
-  probe = probe or probe_lib.load_or_train(log=log)
   stage = cascade_lib.Stage(model, None, spec, kind)
   cascade = cascade_lib.Cascade([stage], text_encoder)
+  if labelled:  # a real labelled set: its classifier judge instead of ShapesEval's probe
+    return evaluating_labelled.training_evaluator(config, cascade, log=log)
+  probe = probe or probe_lib.load_or_train(log=log)
 
   def evaluate(state, step):
     stage.params = state.ema_params  # the compiled sampler takes params as an argument

@@ -12,7 +12,7 @@ from builders import UserError
 # Evaluation settings a sweep's ``evaluate`` section may hold (run_evaluation's own
 # arguments); ``sample.*`` axes are the sampler flags sample.py takes.
 EVALUATE_KEYS = ("categories", "images_per_prompt", "batch_size", "fd_images", "seed",
-                 "probe_dir", "probe_path")
+                 "probe_dir", "probe_path", "clip_score_model")
 
 
 def sampler_flag_names() -> tuple[str, ...]:
@@ -34,9 +34,12 @@ def metrics_of(result: dict) -> dict[str, dict]:
         metrics[name] = {"value": cell["accuracy"], "low": cell["ci95"][0],
                          "high": cell["ci95"][1]}
   metrics["overall"] = {"value": summary["overall"], "low": None, "high": None}
-  if result.get("fd_probe"):
-    metrics["fd_probe"] = {"value": result["fd_probe"]["generated_vs_real"], "low": None,
-                           "high": None}
+  if result.get("clip_score"):
+    c = result["clip_score"]
+    metrics["clip_score"] = {"value": c["value"], "low": c["ci95"][0], "high": c["ci95"][1]}
+  for fd in ("fd_probe", "fd_judge"):  # (fd_judge: a labelled real-data set's judge)
+    if result.get(fd):
+      metrics[fd] = {"value": result[fd]["generated_vs_real"], "low": None, "high": None}
   return metrics
 
 

@@ -50,6 +50,7 @@ def _tiny_config():
      "'colours'; choose from colour_shape, counting, position, relation, binding."),
     (["--images_per_prompt=0"], "--images_per_prompt=0; it must be >= 1"),
     (["--fd_images=-3"], "--fd_images=-3; use 0 (no FD-probe) or at least 2."),
+    (["--clip_score_model=/nonexistent/clip"], "--clip_score_model=/nonexistent/clip: "),
 ])
 def test_bad_arguments_are_one_line_before_loading(tmp_path, args, message):
   error = one_error_line(_evaluate("--workdirs=/nonexistent", f"--outdir={tmp_path / 'out'}",
@@ -135,7 +136,7 @@ def test_evaluate_end_to_end(trained, tmp_path):
   r = _evaluate(f"--workdirs={workdir}", "--categories=colour_shape,relation",
                 "--images_per_prompt=2", "--steps=2", "--guidance_scale=2", "--fd_images=6",
                 "--batch_size=32", f"--probe_path={probe_path}", f"--outdir={out}",
-                f"--fid_weights={fid_weights}")
+                f"--fid_weights={fid_weights}", f"--clip_score_model={_tiny_clip(tmp_path)}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "ETA" in r.stdout and "images" in r.stdout
   result = json.loads((out / "eval.json").read_text())
@@ -167,6 +168,41 @@ def test_evaluate_end_to_end(trained, tmp_path):
   assert "FID (Inception-v3 pool3, 128-d" in md
   assert "The probe on real images" in md
   assert (out / "examples.png").stat().st_size > 0
+  clip = result["clip_score"]
+  assert clip["num_images"] == 120 and 0 <= clip["ci95"][0] <= clip["value"] <= clip["ci95"][1]
+  assert "CLIP score (120 images" in md
+
+
+def _tiny_clip(tmp_path):
+  from diffusion_jax.models import clip as clip_lib
+  from diffusion_jax.training import clip_train
+
+  tok = clip_lib.train_tokenizer(["a red circle", "a blue square"], 300)
+  config = clip_train.small_config(len(tok), resolution=8, width=16, layers=1, max_length=8,
+                                   patch_size=4)
+  # (seed 1: its random towers give these prompts positive cosines with noise images, so the
+  # score is not all zeros clipped)
+  clip_lib.save(clip_train.init_clip(config, tok, seed=1), tmp_path / "clip")
+  return tmp_path / "clip"
+
+
+def test_clip_score_of_is_the_clip_score_with_an_interval(tmp_path):
+  from diffusion_jax.evaluation import clip_score
+  from diffusion_jax.models import clip as clip_lib
+
+  clip = clip_lib.load(_tiny_clip(tmp_path))
+  images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+  prompts = ["a red circle", "a blue square", "a red square", "a circle", "blue", "red"]
+  result = evaluating.clip_score_of(clip, images, prompts, "tiny")
+  x = images.astype(np.float32) / 127.5 - 1
+  pairs = np.array([clip_score.clip_score(clip, x[i:i + 1], prompts[i:i + 1])
+                    for i in range(6)])
+  assert pairs.std() > 0.1  # (a random CLIP: some pairs clip to 0, the rest must differ)
+  assert result["value"] == pytest.approx(clip_score.clip_score(clip, x, prompts), abs=1e-4)
+  half = 1.959964 * pairs.std(ddof=1) / np.sqrt(6)
+  np.testing.assert_allclose(result["ci95"], [pairs.mean() - half, pairs.mean() + half],
+                             atol=1e-4)
+  assert result["num_images"] == 6
 
 
 def test_frechet_feature_extractor_is_a_parameter():
