@@ -1,4 +1,5 @@
-r"""ShapesEval colour x shape score against training minutes and steps, one line per arm.
+r"""ShapesEval colour x shape score (or a labelled real set's judge accuracy) against training
+minutes and steps, one line per arm.
 
   python benchmarks/convergence.py --arm=old=configs/demo_base.py:previous \
       --arm=new=configs/demo_base.py --minutes=15 --eval_every=250 --images_per_prompt=2 \
@@ -13,6 +14,10 @@ steps the training loop's ShapesEval evaluator (experiments/evaluating.py:
 trained once on first use, or ``--probe_path``). An arm stops at the first evaluation at or
 after ``--minutes`` of training (or at its config's ``train.num_steps``; ``--steps`` sets
 that), so its last point may lie up to one ``--eval_every`` interval past the budget.
+An arm trained on a labelled real-data set (configs/fashion_mnist.py, configs/emoji.py:base)
+is scored by that set's classifier judge instead (experiments/evaluating_labelled.py: the
+class accuracy over the class captions, or the emoji group over seen and held-out emoji
+captions); the arms of one --out must share one score.
 
 Training minutes are the loop's own step time (from ``metrics.jsonl``: steps x batch /
 images_per_s per logged interval): evaluations, checkpoints and previews are excluded; the
@@ -58,6 +63,9 @@ import cli  # noqa: E402
 from cli import UserError  # noqa: E402
 
 CATEGORY = "colour_shape"
+# What each score is called in the table and the plot.
+TITLES = {"colour_shape": "ShapesEval colour x shape", "class": "judge's class accuracy",
+          "emoji_group": "judge's emoji-group accuracy"}
 LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
 COLUMNS = ("arm", "step", "train_minutes", "correct", "n", "accuracy", "ci_low", "ci_high",
            "held_out_correct", "held_out_n", "held_out_accuracy", "eval_seconds")
@@ -183,16 +191,27 @@ def first_interval(metrics_path: pathlib.Path, batch_size: int) -> dict:
   return {"steps": first["step"], "seconds": first["step"] * batch_size / first["images_per_s"]}
 
 
-def _point(step: int, seconds: float, eval_seconds: float, scalars: dict,
-           images_per_prompt: int) -> dict:
+def scored_layout(config) -> tuple[str, int, int]:
+  """(category, images scored, held-out images scored) by the arm's in-training evaluator."""
+  import evaluating_labelled
+
   from diffusion_jax.evaluation import shapes_eval
 
+  if evaluating_labelled.labelled_dataset(config):
+    return evaluating_labelled.scored_counts(config)
   prompts = shapes_eval.suite([CATEGORY])
-  n = len(prompts) * images_per_prompt
-  n_held = sum(p.held_out for p in prompts) * images_per_prompt
+  ipp = int(config.eval.images_per_prompt)
+  return CATEGORY, len(prompts) * ipp, sum(p.held_out for p in prompts) * ipp
+
+
+def _point(step: int, seconds: float, eval_seconds: float, scalars: dict,
+           layout: tuple[str, int, int]) -> dict:
+  from diffusion_jax.evaluation import shapes_eval
+
+  category, n, n_held = layout
   # The evaluator reports fractions k / n of a known n: k back exactly by rounding.
-  correct = round(scalars[f"eval/{CATEGORY}/all"] * n)
-  held = round(scalars[f"eval/{CATEGORY}/held_out"] * n_held) if n_held else 0
+  correct = round(scalars[f"eval/{category}/all"] * n)
+  held = round(scalars[f"eval/{category}/held_out"] * n_held) if n_held else 0
   low, high = shapes_eval.wilson_interval(correct, n)
   return {"step": step, "train_minutes": seconds / 60, "correct": correct, "n": n,
           "accuracy": correct / n, "ci_low": low, "ci_high": high,
@@ -202,7 +221,7 @@ def _point(step: int, seconds: float, eval_seconds: float, scalars: dict,
 
 
 def recording_evaluator(inner, workdir: pathlib.Path, points: list, budget_s: float | None,
-                        batch_size: int, images_per_prompt: int, log):
+                        batch_size: int, layout: tuple[str, int, int], log):
   """``inner`` (the loop's evaluator) timed; each point appended to ``points``; raises
   BudgetReached after the evaluation at or past ``budget_s`` seconds of training."""
 
@@ -210,10 +229,10 @@ def recording_evaluator(inner, workdir: pathlib.Path, points: list, budget_s: fl
     seconds = training_seconds(workdir / "metrics.jsonl", batch_size, step)
     start = time.perf_counter()
     scalars = inner(state, step)
-    point = _point(step, seconds, time.perf_counter() - start, scalars, images_per_prompt)
+    point = _point(step, seconds, time.perf_counter() - start, scalars, layout)
     points.append(point)
-    log(f"[convergence] step {step}, {point['train_minutes']:.2f} training min: colour x "
-        f"shape {point['correct']}/{point['n']} = {point['accuracy']:.3f} "
+    log(f"[convergence] step {step}, {point['train_minutes']:.2f} training min: "
+        f"{layout[0]} {point['correct']}/{point['n']} = {point['accuracy']:.3f} "
         f"[{point['ci_low']:.3f}, {point['ci_high']:.3f}], held-out "
         f"{point['held_out_correct']}/{point['held_out_n']} "
         f"(evaluation {point['eval_seconds']:.0f} s)")
@@ -262,17 +281,18 @@ def run_arm(arm: Arm, config, done: pathlib.Path, workdir: pathlib.Path,
     log(f"[convergence] arm {arm.label}: an unfinished run was moved to {aside}; "
         "restarting it.")
   points: list[dict] = []
+  layout = []  # known once the data is prepared (a labelled set's prompts are read from it)
 
   def make_evaluator(config, model_cfg, text_encoder, kind):
+    layout.append(scored_layout(config))
     inner = evaluating.training_evaluator(config, model_cfg, text_encoder, kind, log=log,
                                           probe=probe)
     return recording_evaluator(inner, workdir, points, None if minutes is None else
-                               minutes * 60, config.train.batch_size,
-                               config.eval.images_per_prompt, log)
+                               minutes * 60, config.train.batch_size, layout[0], log)
 
   log(f"[convergence] arm {arm.label}: training {arm.spec} in {workdir} "
       f"({f'{minutes:g} min' if minutes else 'no time budget'}, at most "
-      f"{config.train.num_steps} steps, ShapesEval every {config.eval.every} steps) ...")
+      f"{config.train.num_steps} steps, scored every {config.eval.every} steps) ...")
   start = time.time()
   try:
     builders.run_training(config, str(workdir), make_evaluator=make_evaluator)
@@ -281,7 +301,8 @@ def run_arm(arm: Arm, config, done: pathlib.Path, workdir: pathlib.Path,
                else "train.time_budget_s")
   except BudgetReached:
     stopped = "--minutes"
-  record = {"label": arm.label, "settings": settings, "stopped_by": stopped,
+  record = {"label": arm.label, "metric": layout[0][0], "settings": settings,
+            "stopped_by": stopped,
             "wall_minutes": (time.time() - start) / 60, "points": points,
             # The first interval holds the compilation (short if .cache/jax has it).
             "first_interval": first_interval(workdir / "metrics.jsonl",
@@ -309,8 +330,13 @@ def rows(records: list[dict]) -> list[dict]:
           for r in records for p in r["points"]]
 
 
+def _title(records: list[dict]) -> str:
+  # (records of an earlier version have no "metric": they were all ShapesEval's)
+  return TITLES[records[0].get("metric", CATEGORY)] if records else TITLES[CATEGORY]
+
+
 def markdown(records: list[dict], note: str = "") -> str:
-  lines = [f"ShapesEval {CATEGORY} against training time" + (f" ({note})" if note else ""),
+  lines = [f"{_title(records)} against training time" + (f" ({note})" if note else ""),
            "", "| arm | step | train min | right / images | accuracy | 95% CI | held-out "
            "right | eval s |", "|---|---|---|---|---|---|---|---|"]
   for row in rows(records):
@@ -353,16 +379,18 @@ def plot(records: list[dict], path: pathlib.Path, note: str = "") -> None:
       line, = ax.plot(xs, [p["accuracy"] for p in points], marker="o", label=r["label"])
       ax.fill_between(xs, [p["ci_low"] for p in points], [p["ci_high"] for p in points],
                       color=line.get_color(), alpha=0.18, linewidth=0)
-      ax.plot(xs, [p["held_out_accuracy"] for p in points], linestyle=":", marker=".",
-              color=line.get_color(), label=f"{r['label']} held-out pairs")
-    ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)  # issue 16's target
+      if any(p["held_out_n"] for p in points):
+        ax.plot(xs, [p["held_out_accuracy"] for p in points], linestyle=":", marker=".",
+                color=line.get_color(), label=f"{r['label']} held-out")
+    if _title(records) == TITLES[CATEGORY]:
+      ax.axhline(0.9, color="grey", linestyle="--", linewidth=0.8)  # issue 16's target
     ax.set_xlim(left=0)
     ax.set_xlabel(x_label)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-  axes[0].set_ylabel(f"ShapesEval {CATEGORY} right (95% Wilson band)")
+  axes[0].set_ylabel(f"{_title(records)} (95% Wilson band)")
   axes[1].legend(fontsize=7, loc="upper left")  # scores start low: keep them visible
-  fig.suptitle("Colour and shape right against training" + (f" — {note}" if note else ""),
+  fig.suptitle(f"{_title(records)} against training" + (f" — {note}" if note else ""),
                fontsize=10)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -401,6 +429,14 @@ def run(*, arms: list[Arm], out, minutes: float | None, eval_every: int,
                     "use train) the cached probe.")
   configs = {a.label: arm_config(a, eval_every=eval_every, images_per_prompt=images_per_prompt,
                                  eval_steps=eval_steps, steps=steps) for a in arms}
+  import evaluating_labelled
+
+  scored_by = {a.label: evaluating_labelled.labelled_dataset(configs[a.label]) or "shapes"
+               for a in arms}
+  if len(set(scored_by.values())) > 1:
+    raise UserError("the arms train on different data sets "
+                    f"({', '.join(f'{k}: {v}' for k, v in scored_by.items())}), so their "
+                    "scores differ; give each data set its own --out.")
   out = pathlib.Path(out)
   runs = pathlib.Path(runs) if runs else ROOT / "runs" / "convergence" / out.resolve().name
   for flag, path in (("--out", out / "arms"), ("--runs", runs)):
@@ -419,7 +455,7 @@ def run(*, arms: list[Arm], out, minutes: float | None, eval_every: int,
   records = []
   for arm in arms:
     done = out / "arms" / f"{arm.label}.json"
-    if probe is None and not done.exists():  # loaded once, if needed
+    if probe is None and not done.exists() and scored_by[arm.label] == "shapes":  # once
       from diffusion_jax.evaluation import probe as probe_lib
 
       probe = (probe_lib.load(probe_path) if probe_path else

@@ -136,7 +136,7 @@ def test_training_seconds_and_the_budget_stop(tmp_path):
     return {"eval/colour_shape/all": 36 / 96, "eval/colour_shape/held_out": 3 / 12}
 
   evaluate = convergence.recording_evaluator(inner, tmp_path, points, budget_s=3.0,
-                                             batch_size=4, images_per_prompt=2,
+                                             batch_size=4, layout=("colour_shape", 96, 12),
                                              log=lambda m: None)
   assert evaluate(None, 2) == inner(None, 2)  # 1 s < 3 s: training goes on
   with pytest.raises(convergence.BudgetReached):
