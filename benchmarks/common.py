@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import time
 
+# (in the library: the ablation harness's equal-compute budgets count FLOPs too)
+from diffusion_jax.training.flops import dense_attention, model_gflop  # noqa: F401
+
 
 def matmul_peak_gflops(size: int = 2048, reps: int = 10) -> float:
   """Best-of-``reps`` GFLOP/s of a float32 [size, size] matmul under jit."""
@@ -33,43 +36,6 @@ def median_seconds(fn, calls: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return sorted(times)[len(times) // 2]
-
-
-@contextlib.contextmanager
-def dense_attention():
-  """Makes every attention layer traced inside take the dense path.
-
-  The threshold is read when a function is traced, and jit reuses the trace of a function
-  it has already traced, so JAX's caches are cleared on the way in (a step compiled before
-  would otherwise be counted with its pairwise loop) and on the way out (so nothing
-  traced here is reused afterwards).
-  """
-  import jax
-
-  from diffusion_jax.models import layers
-  saved = layers.PAIRWISE_MIN_POSITIONS
-  layers.PAIRWISE_MIN_POSITIONS = float("inf")
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    layers.PAIRWISE_MIN_POSITIONS = saved
-    jax.clear_caches()
-
-
-def model_gflop(jitted, *args) -> float:
-  """GFLOP of one call of ``jitted(*args)`` as the model defines them.
-
-  XLA's cost analysis counts the body of a loop once, whatever its trip count, so the
-  pairwise attention of long sequences (a loop over (image, head) pairs, see
-  ``layers.attention``) would hide most of its FLOPs. This counts the same computation
-  with dense attention instead, from the unoptimised HLO (no compile), and so excludes
-  the pairs' recomputation in the backward pass, as model-FLOP utilisation does.
-  """
-  with dense_attention():
-    cost = jitted.lower(*args).cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost.get("flops", float("nan"))) / 1e9
 
 
 def override_fields(config, overrides: str):

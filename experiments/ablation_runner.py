@@ -106,20 +106,56 @@ def check_stage_config(config: ml_collections.ConfigDict, shown: str) -> None:
     raise UserError(f"{shown}: {e}") from None
 
 
-def plan(sweep: sweep_lib.Sweep, evaluator) -> list[dict]:
-  """Every arm with its stages' configs and training-run directories, all checked."""
+def equal_compute_budgets(sweep: sweep_lib.Sweep, value) -> dict[str, float]:
+  """A sweep's ``equal_compute`` ({stage: TFLOP of each of its training runs}), checked."""
+  if value is None:
+    return {}
+  stages = dict(sweep.stage_configs)
+  if not isinstance(value, dict):
+    raise UserError(f"equal_compute={value!r}: give {{stage: TFLOP per training run}}, e.g. "
+                    "{'base': 100.0}.")
+  for stage, tflop in value.items():
+    if stage not in stages:
+      raise UserError(f"equal_compute: {stage!r} is not a stage of this sweep (stages: "
+                      f"{', '.join(stages)}).")
+    if isinstance(tflop, bool) or not isinstance(tflop, int | float) or not tflop > 0:
+      raise UserError(f"equal_compute[{stage!r}]={tflop!r}: give a positive number of TFLOP.")
+  return {k: float(v) for k, v in value.items()}
+
+
+def apply_compute_budget(config, tflop: float, shown: str) -> dict:
+  """Sets ``config.train.num_steps`` so the run's train steps cost ``tflop`` (model FLOPs,
+  experiments/train_flops.py), its time budget off; returns what was counted."""
+  import train_flops
+
+  gflop = train_flops.step_gflop(config)
+  steps = int(tflop * 1e3 // gflop)
+  if steps < 1:
+    raise UserError(f"{shown}: equal_compute gives {tflop:g} TFLOP, less than one train step "
+                    f"({gflop / 1e3:.3g} TFLOP).")
+  config.train.num_steps, config.train.time_budget_s = steps, None
+  return {"gflop_per_step": gflop, "budget_tflop": tflop}
+
+
+def plan(sweep: sweep_lib.Sweep, evaluator, equal_compute=None) -> list[dict]:
+  """Every arm with its stages' configs and training-run directories, all checked;
+  ``equal_compute`` ({stage: TFLOP}) sets each such stage's steps from its step's FLOPs."""
+  budgets = equal_compute_budgets(sweep, equal_compute)
   cache: dict = {}
   planned = []
   for arm in sweep.expand():
     stages = sweep.stages_of(arm)
-    configs = {}
+    configs, compute = {}, {}
     for stage in stages:
       config = stage_config(sweep, arm, stage, cache)
-      check_stage_config(config, f"arm {arm.name}, stage {stage!r}")
+      shown = f"arm {arm.name}, stage {stage!r}"
+      check_stage_config(config, shown)
+      if stage in budgets:
+        compute[stage] = apply_compute_budget(config, budgets[stage], shown)
       configs[stage] = config
     evaluator.check(arm.sample_overrides, num_stages=len(stages),
                     shown=f"arm {arm.name}")
-    planned.append({"arm": arm, "stages": stages, "configs": configs,
+    planned.append({"arm": arm, "stages": stages, "configs": configs, "compute": compute,
                     "runs": {s: sweep.stage_run_name(arm, s) for s in stages}})
   return planned
 
@@ -130,8 +166,10 @@ def _write_json(path: pathlib.Path, record: dict) -> None:
   os.replace(tmp, path)
 
 
-def _train_run(workdir: pathlib.Path, config: ml_collections.ConfigDict, log) -> dict | None:
-  """Trains one stage's run unless finished; None if another worker holds it."""
+def _train_run(workdir: pathlib.Path, config: ml_collections.ConfigDict, log,
+               compute: dict | None = None) -> dict | None:
+  """Trains one stage's run unless finished; None if another worker holds it. ``compute``
+  (apply_compute_budget's): the record gets the run's model FLOPs."""
   done = workdir / TRAIN_COMPLETE
   if done.exists():
     return json.loads(done.read_text())
@@ -148,6 +186,8 @@ def _train_run(workdir: pathlib.Path, config: ml_collections.ConfigDict, log) ->
     record = {"workdir": str(workdir), "steps": steps,
               "minutes": (time.time() - start) / 60,
               "images_per_s": summary.get("images_per_s")}
+    if compute:
+      record.update(compute, train_tflop=(steps or 0) * compute["gflop_per_step"] / 1e3)
     _write_json(done, record)
     return record
 
@@ -177,7 +217,7 @@ def run(sweep_spec: str, root: str, *, report_only: bool = False, dry_run: bool 
   sweep, c = load_sweep(sweep_spec)
   sweep_dir = pathlib.Path(root) / sweep.name
   evaluator = evaluator or evaluation_adapter.ShapesEvaluator(dict(c.get("evaluate", {})))
-  planned = plan(sweep, evaluator)  # every check, before anything runs
+  planned = plan(sweep, evaluator, c.get("equal_compute"))  # every check, before anything runs
   if dry_run:
     for p in planned:
       log(f"{p['arm'].name}: " + ", ".join(f"{s} <- train/{s}/{r}" for s, r in
@@ -216,7 +256,7 @@ def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log) -> None:
         train = {}
         for stage in p["stages"]:
           workdir = sweep_dir / "train" / stage / p["runs"][stage]
-          record = _train_run(workdir, p["configs"][stage], log)
+          record = _train_run(workdir, p["configs"][stage], log, p["compute"].get(stage))
           if record is None:
             break  # another worker trains it; try another arm meanwhile
           train[stage] = record

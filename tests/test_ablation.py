@@ -281,3 +281,44 @@ def test_two_arm_sweep_runs_reports_skips_and_resumes(tmp_path):
   assert [m for m in logs if m.startswith("evaluating")] == ["evaluating guidance_scale=2"]
   assert not any(m.startswith("training") for m in logs)
   assert len(records) == 2 and (arm / "result.json").exists()
+
+
+def test_equal_compute_sets_each_arms_steps_from_its_step_flops(tmp_path):
+  import ablation_runner
+  import evaluation_adapter
+  import train_flops
+  from builders import UserError
+
+  # Two arms of different batch sizes: the budget buys the smaller batch more steps.
+  sweep = sweep_lib.Sweep.create(
+      "flops", {"base": "configs/demo_base.py:smoke"},
+      axes={"base.train.batch_size": [4, 8]},
+      fixed={"base.data.resolution": 8, "base.text.encoder": "t5-offline",
+             "base.text.max_length": 32, "base.text.cache_dir": "",
+             "base.diffusion.schedule_kwargs.shifted_cosine.resolution": 8,
+             "base.train.time_budget_s": 60.0})
+  evaluator = evaluation_adapter.ShapesEvaluator({})
+  plain = ablation_runner.plan(sweep, evaluator)
+  per_step = [train_flops.step_gflop(p["configs"]["base"]) for p in plain]
+  assert 1.6 < per_step[1] / per_step[0] < 2.1  # twice the batch, about twice the FLOPs
+  budget = 10.5 * per_step[0] / 1e3  # TFLOP: 10 steps of the small batch
+  planned = ablation_runner.plan(sweep, evaluator, {"base": budget})
+  steps = [p["configs"]["base"].train.num_steps for p in planned]
+  assert steps == [10, int(budget * 1e3 // per_step[1])] and steps[1] in (5, 6)
+  assert all(p["configs"]["base"].train.time_budget_s is None for p in planned)
+  assert planned[1]["compute"]["base"] == {"gflop_per_step": per_step[1],
+                                           "budget_tflop": budget}
+  for bad, message in [({"sr": 1.0}, "'sr' is not a stage of this sweep"),
+                       ({"base": -1}, "give a positive number of TFLOP"),
+                       ({"base": 1e-9}, "less than one train step"),
+                       (5.0, "give {stage: TFLOP per training run}")]:
+    with pytest.raises(UserError, match=message):
+      ablation_runner.plan(sweep, evaluator, bad)
+
+
+def test_the_table_states_each_arms_model_flops():
+  records = [_record("g1", 1.0, 0.5, 3.0), _record("g3", 3.0, 0.8, 4.0)]
+  records[0]["train"]["base"]["train_tflop"] = 1.25
+  header, rows = report.table_rows(records)
+  assert header[2:5] == ["train_steps", "train_minutes", "train_tflop"]
+  assert [r[4] for r in rows] == ["1.25", "-"]

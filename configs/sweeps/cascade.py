@@ -4,9 +4,13 @@ output resolution for the same training compute).
 
   python experiments/ablate.py --sweep=configs/sweeps/cascade.py --root=runs/sweeps
 
-Both arms train for 10 minutes in all: the demo cascade (7 minutes at 32 px, 3 minutes of
-32 -> 64 px super-resolution on crops) against the demo base U-Net trained at 64 px for
-10 minutes (its resolution-shifted cosine schedule at 64). Both are scored at 64 px.
+Both arms get the same training compute, 34.3 TFLOP of model FLOPs (``equal_compute``:
+each stage's steps from its train step's FLOPs, experiments/train_flops.py): the demo
+cascade (23.0 TFLOP at 38.1 GFLOP per step: 602 base steps at 32 px, about 7 minutes here;
+11.3 TFLOP at 42.7 GFLOP: 264 steps of 32 -> 64 px super-resolution on crops, about 3
+minutes) against the demo base U-Net trained at 64 px (its resolution-shifted cosine schedule
+at 64; 159.3 GFLOP per step: 215 steps). Both are scored at 64 px; the table states each
+arm's TFLOP and minutes.
 """
 
 def get_config():
@@ -15,8 +19,8 @@ def get_config():
   c["stages"] = {"base": "configs/demo_base.py", "sr": "configs/demo_sr.py",
                  "base64": "configs/demo_base.py"}
   c["stage_sets"] = {"cascade": ["base", "sr"], "single": ["base64"]}
-  c["fixed"] = {"base.train.time_budget_s": 420.0, "sr.train.time_budget_s": 180.0,
-                "base64.train.time_budget_s": 600.0, "base64.data.resolution": 64,
+  c["equal_compute"] = {"base": 23.0, "sr": 11.3, "base64": 34.3}  # TFLOP per training run
+  c["fixed"] = {"base64.data.resolution": 64,
                 "base64.diffusion.schedule_kwargs.shifted_cosine.resolution": 64,
                 "sample.sampler": "dpmpp_2m", "sample.steps": 25}
   c["arms"] = [{"stages": "cascade", "sample.guidance_scale": [3.0, 1.0]},

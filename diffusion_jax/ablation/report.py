@@ -52,17 +52,25 @@ def table_rows(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
   with its interval."""
   varying = list(dict.fromkeys(p for r in records for p in r.get("varying", [])))
   metrics = list(dict.fromkeys(m for r in records for m in r.get("metrics", {})))
-  header = ["arm", *varying, "train_steps", "train_minutes", *metrics]
+  costs = ["train_steps", "train_minutes"] + (["train_tflop"] if _counted(records) else [])
+  header = ["arm", *varying, *costs, *metrics]
   rows = []
   for r in records:
     overrides = dict((p, v) for p, v in r.get("overrides", []))
     train = r.get("train", {})
     steps = "+".join(str(t.get("steps", "")) for t in train.values())
     minutes = sum(float(t.get("minutes") or 0.0) for t in train.values())
-    rows.append([r["name"], *[_format(overrides.get(p, "")) for p in varying], steps,
-                 f"{minutes:.1f}",
+    cost = [steps, f"{minutes:.1f}"]
+    if _counted(records):  # equal-compute sweeps: the model FLOPs each arm's runs cost
+      cost.append("+".join(f"{t['train_tflop']:.4g}" if "train_tflop" in t else "-"
+                           for t in train.values()))
+    rows.append([r["name"], *[_format(overrides.get(p, "")) for p in varying], *cost,
                  *[_metric_text(r.get("metrics", {}).get(m, {})) for m in metrics]])
   return header, rows
+
+
+def _counted(records: Sequence[dict]) -> bool:
+  return any("train_tflop" in t for r in records for t in r.get("train", {}).values())
 
 
 def write_tables(sweep_dir: str | pathlib.Path, records: Sequence[dict]) -> list[pathlib.Path]:
@@ -76,14 +84,16 @@ def write_tables(sweep_dir: str | pathlib.Path, records: Sequence[dict]) -> list
   varying = list(dict.fromkeys(p for r in records for p in r.get("varying", [])))
   with open(sweep_dir / "results.csv", "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["arm", *varying, "train_steps", "train_minutes",
+    costs = ["train_steps", "train_minutes"] + (["train_tflop"] if _counted(records) else [])
+    writer.writerow(["arm", *varying, *costs,
                      *[f"{m}{suffix}" for m in metrics for suffix in ("", "_low", "_high")]])
     for r, row in zip(records, rows, strict=True):
       values = []
       for m in metrics:
         entry = r.get("metrics", {}).get(m, {})
         values += [entry.get("value"), entry.get("low"), entry.get("high")]
-      writer.writerow([*row[:len(varying) + 3], *["" if v is None else v for v in values]])
+      writer.writerow([*row[:1 + len(varying) + len(costs)],
+                       *["" if v is None else v for v in values]])
   return [sweep_dir / "results.md", sweep_dir / "results.csv"]
 
 
