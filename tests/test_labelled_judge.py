@@ -187,6 +187,17 @@ def test_emoji_examples_and_a_colour_judge_of_their_group(tmp_path, monkeypatch)
                           1 if "people" in p else 0 for p in prompts]
 
 
+def test_the_command_refuses_a_missing_or_misnamed_set_in_one_line(tmp_path, capsys):
+  for dataset, message in (("noto_emoji/32px", "noto_emoji/32px is not prepared in"),
+                           ("noto_emoji/32", "noto_emoji config '32' is not '<R>px"),
+                           ("emoji/32px", "'emoji/32px' is not a real-data set")):
+    assert labelled.main([f"--dataset={dataset}", f"--data_dir={tmp_path}",
+                          f"--cache_dir={tmp_path / 'judges'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+  assert not os.path.exists(tmp_path / "judges")
+
+
 @pytest.mark.slow  # trains on the real 60k images
 @pytest.mark.skipif(not os.path.isdir(sources.FASHION_MNIST_DIR),
                     reason="needs dataset-fashion-mnist (apt-get install, or make data-real)")
