@@ -64,7 +64,7 @@ real-results: $(STAMP)
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/train.py --config=configs/emoji.py:sr \
 	  --workdir=runs/real_data/emoji_sr
 	$(PY) experiments/evaluate.py \
-	  --workdirs=runs/convergence/emoji/emoji_base,runs/real_data/emoji_sr --images_per_prompt=2 \
+	  --workdirs=runs/convergence/emoji/emoji_base,runs/real_data/emoji_sr --images_per_prompt=1 \
 	  --max_prompts=96 --fd_images=100 --steps=50,25 --guidance_scale=3,1 \
 	  --outdir=$(REAL)/emoji/eval
 
