@@ -67,7 +67,23 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
   before thresholding (e.g. ``diffusion.clip_guidance.clip_guided``).
   ``preconditioning``: the stage's EDM wrapper, or None (``stage_model_fn``).
   """
-  batch = text_emb.shape[0]
+  model_fn = guided_model_fn(model, params, text_emb, text_mask, null_cond,
+                             parameterization=parameterization, guidance_scale=guidance_scale,
+                             threshold=threshold, percentile=percentile, lowres=lowres,
+                             lowres_logsnr=lowres_logsnr, guide=guide,
+                             preconditioning=preconditioning)
+  x_T = samplers.initial_noise(key, (text_emb.shape[0], *image_shape))
+  return samplers.sample(sampler, model_fn, x_T, grid, key,
+                         parameterization=parameterization, **(sampler_options or {}))
+
+
+def guided_model_fn(model: nn.Module, params: Any, text_emb, text_mask, null_cond: dict, *,
+                    parameterization: str, guidance_scale: float | Callable = 1.0,
+                    threshold: str = "dynamic", percentile: float = 0.995, lowres=None,
+                    lowres_logsnr=None, guide=None, preconditioning=None):
+  """The sampler's ``model_fn(x_t, logsnr)`` of a stage: the U-Net on its conditions,
+  classifier-free guided (a constant weight 1: the conditional model alone), then ``guide``,
+  then thresholded (``sample_stage``'s arguments)."""
   cond = {"text_emb": text_emb, "text_mask": text_mask}
   null = dict(null_cond)
   if lowres is not None:
@@ -81,10 +97,22 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
     model_fn = guidance.classifier_free(cond_model_fn, cond, null, guidance_scale)
   if guide is not None:
     model_fn = guide(model_fn)
-  model_fn = guidance.thresholded(model_fn, parameterization, threshold, percentile)
-  x_T = samplers.initial_noise(key, (batch, *image_shape))
-  return samplers.sample(sampler, model_fn, x_T, grid, key,
-                         parameterization=parameterization, **(sampler_options or {}))
+  return guidance.thresholded(model_fn, parameterization, threshold, percentile)
+
+
+def refine_stage(model: nn.Module, params: Any, text_emb, text_mask, null_cond: dict,
+                 key: jax.Array, grid, images: jnp.ndarray, strength: float, *,
+                 parameterization: str, sampler: str = "ddim", sampler_options=None,
+                 **guided) -> jnp.ndarray:
+  """A refiner: SDEdit (editing.sdedit) of ``images`` [B, H, W, C] at ``strength`` in
+  (0, 1] with a text-to-image stage's guided model, as SDXL's refiner runs on its base
+  model's output (jit-able; ``strength`` static). ``guided``: guided_model_fn's options."""
+  from diffusion_jax.editing import sdedit
+
+  model_fn = guided_model_fn(model, params, text_emb, text_mask, null_cond,
+                             parameterization=parameterization, **guided)
+  return sdedit.sdedit(sampler, model_fn, images, grid, strength, key,
+                       parameterization=parameterization, **(sampler_options or {}))
 
 
 # StageSpec.grid_kind: uniform in t, diffusers' spacings of a discrete (DDPM) table, or
@@ -137,6 +165,9 @@ class StageSpec:
   noise to ``guidance_scale`` at clean data.
   ``preconditioning`` / ``sigma_data``: the wrapper the stage trained inside ("edm" with
   the config's sigma_data, or "none"); sampling must use the same one.
+  ``refine_strength`` in (0, 1]: the stage is a *refiner*: a text-to-image (pixel) stage
+  after another stage of its resolution, run as SDEdit on that stage's output from this
+  fraction of its grid (``refine_stage``; SDXL's refiner), instead of sampling from noise.
   """
 
   resolution: int
@@ -159,6 +190,7 @@ class StageSpec:
   lowres_schedule_kwargs: tuple[tuple[str, Any], ...] = ()
   preconditioning: str = "none"
   sigma_data: float = 0.5
+  refine_strength: float | None = None
 
   def __post_init__(self):
     preconditioning_lib.check_parameterization(self.preconditioner(), self.parameterization)
@@ -185,6 +217,8 @@ class StageSpec:
     if not self.rho > 0:
       raise ValueError(f"rho must be positive, got {self.rho}.")
     guidance_schedules.check(self.guidance_schedule)
+    if self.refine_strength is not None and not 0.0 < self.refine_strength <= 1.0:
+      raise ValueError(f"refine_strength must lie in (0, 1], got {self.refine_strength}.")
 
   def noise_schedule(self):
     return schedules.get(self.schedule, **dict(self.schedule_kwargs))
@@ -215,6 +249,19 @@ class StageSpec:
     for name in ("schedule_kwargs", "sampler_options", "lowres_schedule_kwargs"):
       d[name] = tuple((k, v) for k, v in d.get(name, ()))
     return cls(**d)
+
+
+def _refiner_error(previous, stage) -> str | None:
+  """Why ``stage`` (given a refine_strength) cannot refine ``previous``'s output."""
+  if stage.super_resolution:
+    return ("it is a super-resolution stage; a refiner is a text-to-image stage run as "
+            "SDEdit on the output of the stage before it.")
+  if stage.kind is not stage_kinds.PIXEL:
+    return "it is a latent stage; a refiner works on pixels (a pixel-space stage)."
+  if previous.spec.resolution != stage.spec.resolution:
+    return (f"it samples at {stage.spec.resolution} px and the stage before it at "
+            f"{previous.spec.resolution} px; a refiner keeps the resolution.")
+  return None
 
 
 def chain_error(previous_resolution: int, resolution: int, trained_lowres: int | None,
@@ -273,9 +320,18 @@ class Cascade:
       raise ValueError("A cascade needs at least one stage.")
     if stages[0].super_resolution:
       raise ValueError("The first stage must be a base (text-to-image) stage.")
+    if stages[0].spec.refine_strength is not None:
+      raise ValueError("The first stage cannot be a refiner (refine_strength): it has no "
+                       "stage's output to refine.")
     for number, (prev, stage) in enumerate(zip(stages, stages[1:], strict=False), start=2):
+      if stage.spec.refine_strength is not None:
+        error = _refiner_error(prev, stage)
+        if error:
+          raise ValueError(f"Stage {number} cannot refine: {error}")
+        continue
       if not stage.super_resolution:
-        raise ValueError("Every stage after the first must be a super-resolution stage.")
+        raise ValueError("Every stage after the first must be a super-resolution stage (or "
+                         "a refiner: a text-to-image stage given a refine_strength).")
       if stage.spec.lowres_schedule is None:
         raise ValueError("A super-resolution stage needs spec.lowres_schedule.")
       cfg = stage.model.config
@@ -288,6 +344,8 @@ class Cascade:
     self._compiled: dict[int, Callable] = {}
 
   def _stage_fn(self, index: int) -> Callable:
+    if index not in self._compiled and self.stages[index].spec.refine_strength is not None:
+      self._compiled[index] = self._refiner_fn(self.stages[index])
     if index not in self._compiled:
       stage = self.stages[index]
       spec = stage.spec
@@ -319,6 +377,21 @@ class Cascade:
 
       self._compiled[index] = jax.jit(run)
     return self._compiled[index]
+
+  @staticmethod
+  def _refiner_fn(stage: Stage) -> Callable:
+    spec = stage.spec
+    grid = spec.grid()
+
+    def run(params, text_emb, text_mask, null_cond, keys, previous, clip_text=None):
+      return refine_stage(
+          stage.model, params, text_emb, text_mask, null_cond, keys, grid, previous,
+          spec.refine_strength, parameterization=spec.parameterization, sampler=spec.sampler,
+          sampler_options=dict(spec.sampler_options), guidance_scale=spec.guidance_weight(),
+          threshold=spec.threshold, percentile=spec.percentile,
+          preconditioning=spec.preconditioner())
+
+    return jax.jit(run)
 
   def sample(self, prompts: Sequence[str], key: jax.Array, *, first_index: int = 0,
              progress: Callable[[str], None] | None = None) -> list[np.ndarray]:

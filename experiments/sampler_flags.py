@@ -12,7 +12,7 @@ PER_STAGE = "One value, or one per stage."
 NAMES = ("workdirs", "stages", "seed", "checkpoint_steps", "aug_level", "clip_guidance_scale",
          "clip_checkpoint", "sampler", "steps", "guidance_scale", "guidance_schedule",
          "guidance_min", "threshold", "percentile", "grid", "rho", "eta", "variance", "churn",
-         "churn_tmin", "churn_tmax", "noise_scale")
+         "churn_tmin", "churn_tmax", "noise_scale", "refine_strength")
 
 
 def define() -> None:
@@ -48,6 +48,10 @@ def define() -> None:
   flags.DEFINE_list("churn_tmin", None, f"Euler / Heun: churn only for sigma >= this. {PER_STAGE}")
   flags.DEFINE_list("churn_tmax", None, f"Euler / Heun: churn only for sigma <= this. {PER_STAGE}")
   flags.DEFINE_list("noise_scale", None, f"Euler / Heun: EDM's S_noise. {PER_STAGE}")
+  flags.DEFINE_list("refine_strength", None, "Makes a text-to-image stage after the first a "
+                    "refiner: SDEdit of the previous stage's output (same resolution) from this "
+                    "fraction in (0, 1] of its grid, as SDXL's refiner. One per stage, e.g. "
+                    "--workdirs=base,sr,refiner --refine_strength=,,0.3.")
 
 
 def values(flag_values) -> dict:

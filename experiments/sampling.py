@@ -111,9 +111,16 @@ def workdir_stage_spec(workdir: str, config: ml_collections.ConfigDict,
                                 config.data.lowres_resolution, config.data.resolution, crops)
     if error:
       raise UserError(f"{workdir} does not chain with the stage before it: {error}")
-  elif previous_resolution is not None:
+  elif previous_resolution is not None and spec_overrides.get("refine_strength") is None:
     raise UserError(f"{workdir} is a base (text-to-image) stage; every stage after the "
-                    "first must be a super-resolution stage.")
+                    "first must be a super-resolution stage, or a refiner (give it a "
+                    "--refine_strength).")
+  elif previous_resolution is not None and previous_resolution != resolution:
+    raise UserError(f"{workdir} cannot refine the stage before it: it samples at "
+                    f"{resolution} px and that stage at {previous_resolution} px.")
+  if previous_resolution is None and spec_overrides.get("refine_strength") is not None:
+    raise UserError(f"--refine_strength for {workdir}: the first stage cannot be a refiner "
+                    "(it has no stage's output to refine).")
   # The schedules exactly as training built them (builders.diffusion_settings).
   spec_kwargs = dict(
       resolution=resolution, parameterization=d.parameterization, schedule=d.schedule,
@@ -334,6 +341,7 @@ SPEC_SETTINGS = {
     "guidance_schedule": ("guidance_schedule", str), "guidance_min": ("guidance_min", float),
     "threshold": ("threshold", str), "percentile": ("percentile", float),
     "grid": ("grid_kind", str), "rho": ("rho", float),
+    "refine_strength": ("refine_strength", float),
 }
 # The samplers' own options (StageSpec.sampler_options; cascade.sampler_option_names):
 # ddim eta; ddpm variance; euler / heun churn, churn_tmin, churn_tmax, noise_scale.
@@ -375,7 +383,7 @@ def stage_settings(num_stages: int, *, num_workdirs: int = 0, checkpoint_steps=N
                    aug_level=None, sampler=None, steps=None, guidance_scale=None,
                    guidance_schedule=None, guidance_min=None, threshold=None, percentile=None,
                    grid=None, rho=None, eta=None, variance=None, churn=None, churn_tmin=None,
-                   churn_tmax=None, noise_scale=None):
+                   churn_tmax=None, noise_scale=None, refine_strength=None):
   """(StageSpec overrides per stage, checkpoint steps per workdir or None) from sample.py's
   settings: each per-stage setting (``SPEC_SETTINGS``, ``SAMPLER_OPTIONS``, ``aug_level``
   per super-resolution stage, ``checkpoint_steps`` per workdir: an int, or None /
@@ -386,7 +394,7 @@ def stage_settings(num_stages: int, *, num_workdirs: int = 0, checkpoint_steps=N
                guidance_schedule=guidance_schedule, guidance_min=guidance_min,
                threshold=threshold, percentile=percentile, grid=grid, rho=rho, eta=eta,
                variance=variance, churn=churn, churn_tmin=churn_tmin, churn_tmax=churn_tmax,
-               noise_scale=noise_scale)
+               noise_scale=noise_scale, refine_strength=refine_strength)
   choices = _choices()
   per_stage = [{} for _ in range(num_stages)]
   for flag, (field, parse) in SPEC_SETTINGS.items():
@@ -512,7 +520,9 @@ def regenerate_command(workdirs, stages, seed: int, described: list[dict],
     command += [f"--stages={','.join(map(str, stages))}"]
   command.append(f"--seed={seed}")
   for flag, (field, _) in SPEC_SETTINGS.items():
-    command.append(f"--{flag}={','.join(str(d[field]) for d in described)}")
+    values = ["" if d.get(field) is None else str(d[field]) for d in described]
+    if any(values):  # (refine_strength is None, so absent, unless a stage refines)
+      command.append(f"--{flag}={','.join(values)}")
   if len(described) > 1:
     command.append(f"--aug_level={','.join(str(d['aug_level']) for d in described[1:])}")
   options = [dict(d["sampler_options"]) for d in described]

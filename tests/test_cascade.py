@@ -186,6 +186,7 @@ def test_stage_trained_on_crops_samples_at_its_scale_factor(stages):
     (dict(schedule="linear", schedule_kwargs=(("num_timesteps", 10),), grid_kind="trailing",
           num_steps=20), "cannot exceed the schedule's 10 steps"),
     (dict(guidance_schedule="step"), "Unknown guidance schedule 'step'"),
+    (dict(refine_strength=0.0), "refine_strength must lie in (0, 1], got 0.0"),
     (dict(lowres_schedule="sigmoid", lowres_schedule_kwargs=(("tau", -1.0),)), "tau > 0"),
 ])
 def test_bad_stage_specs(changes, message):
@@ -228,3 +229,46 @@ def test_grid_sampler_options_and_guidance_schedule_reach_the_sampler(stages, mo
   w = weights[0](linear_schedule.logsnr(np.array([1.0, 0.5, 0.0], np.float32)))
   np.testing.assert_allclose(np.asarray(w), [0.5, 2.25, 4.0], atol=1e-3)
   assert weights[1] == 2.0
+
+
+def test_a_refiner_is_sdedit_of_the_stage_before(stages):
+  """A text-to-image stage with a refine_strength after a stage of its resolution: at
+  strength 1 it samples from its own noise (SDEdit at 1 is plain sampling), so its output
+  is the stage's plain sample with the refiner's keys; below one step it returns its input."""
+  base = _with_spec(stages[0], guidance_scale=2.0)
+  key = jax.random.key(3)
+  full = cascade_lib.Cascade([base, _with_spec(base, refine_strength=1.0)], th.HashText())
+  out = full.sample(PROMPTS, key)
+  assert [o.shape for o in out] == [(3, 8, 8, 3), (3, 8, 8, 3)]
+  emb, mask = th.HashText().encode(PROMPTS)
+  null_emb, null_mask = th.HashText().encode([""])
+  spec = base.spec
+  plain = cascade_lib.sample_stage(
+      base.model, base.params, jax.numpy.asarray(emb), jax.numpy.asarray(mask),
+      {"text_emb": null_emb[0], "text_mask": null_mask[0]},
+      samplers.image_keys(jax.random.fold_in(key, 1), 3, 0), spec.grid(),
+      image_shape=(8, 8, 3), parameterization=spec.parameterization, sampler=spec.sampler,
+      guidance_scale=spec.guidance_scale, threshold=spec.threshold,
+      percentile=spec.percentile)
+  np.testing.assert_allclose(out[1], plain, atol=1e-5)
+  assert np.abs(out[1] - out[0]).max() > 0.1  # (not the input passed through)
+  # 0.1 of a 4-step grid keeps no step: the input comes back unchanged.
+  kept = cascade_lib.Cascade([base, _with_spec(base, refine_strength=0.1)],
+                             th.HashText()).sample(PROMPTS, key)
+  np.testing.assert_array_equal(kept[1], kept[0])
+  # At 0.5 it starts from the base output noised to the grid's midpoint: a different image.
+  half = cascade_lib.Cascade([base, _with_spec(base, refine_strength=0.5)],
+                             th.HashText()).sample(PROMPTS, key)
+  assert 0 < np.abs(half[1] - half[0]).max() and not np.allclose(half[1], out[1])
+
+
+def test_bad_refiners(stages):
+  base, sr = stages
+  refiner = _with_spec(base, refine_strength=0.3)
+  with pytest.raises(ValueError, match="first stage cannot be a refiner"):
+    cascade_lib.Cascade([refiner], th.HashText())
+  with pytest.raises(ValueError, match="Stage 3 cannot refine: it samples at 8 px and the "
+                                       "stage before it at 16 px"):
+    cascade_lib.Cascade([base, sr, refiner], th.HashText())
+  with pytest.raises(ValueError, match="Stage 2 cannot refine: it is a super-resolution"):
+    cascade_lib.Cascade([base, _with_spec(sr, refine_strength=0.3)], th.HashText())

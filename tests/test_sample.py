@@ -299,3 +299,26 @@ def test_both_restores_name_the_checkpoint_steps_a_workdir_has(workdirs):
   with pytest.raises(FileNotFoundError) as e:
     loop_lib.restore_text_ema_params(base, None, step=7)  # fails before using the encoder
   assert str(e.value) == expected
+
+
+def test_a_base_stage_after_the_base_refines_it(workdirs, tmp_path):
+  base, _ = workdirs
+  result = sampling.sample_cascade(workdirs=[base, base], prompts=PROMPTS[:2],
+                                   refine_strength=["", "0.5"], steps=["4"])
+  assert [x.shape for x in result.images] == [(2, 8, 8, 3), (2, 8, 8, 3)]
+  stages = result.record["stages"]
+  assert [s["refine_strength"] for s in stages] == [None, 0.5]
+  assert np.abs(result.images[1] - result.images[0]).max() > 0  # SDEdit changed them
+  assert "--refine_strength=,0.5" in result.record["regenerate"]
+  for kwargs, message in [
+      (dict(workdirs=[base, base]), "every stage after the first must be a super-resolution "
+       "stage, or a refiner (give it a --refine_strength)"),
+      (dict(workdirs=[base], refine_strength=["0.5"]), "the first stage cannot be a refiner"),
+      (dict(workdirs=[base, base], refine_strength=["", "1.5"]),
+       "refine_strength must lie in (0, 1], got 1.5"),
+      (dict(workdirs=[base, base], refine_strength=["", "x"]),
+       "--refine_strength=,x: not a list of numbers")]:
+    with pytest.raises(builders.UserError) as e:
+      sampling.sample_cascade(prompts=PROMPTS[:1], outdir=tmp_path / "out", **kwargs)
+    assert message in str(e.value), e.value
+  assert not (tmp_path / "out").exists()
