@@ -94,6 +94,9 @@ def trained(tmp_path_factory):
 
 
 def test_training_scores_a_labelled_stage_with_its_judge(trained):
+  # The smoke config trains its two steps, checkpoints and previews.
+  assert (trained / "run" / "checkpoints" / "2").is_dir()
+  assert (trained / "run" / "previews" / "step_2.png").stat().st_size > 0
   lines = [json.loads(s) for s in (trained / "run" / "metrics.jsonl").read_text().splitlines()]
   scores = [r for r in lines if "eval/class/all" in r]
   assert [r["step"] for r in scores] == [2]

@@ -277,14 +277,10 @@ def _smoke(config_file, arg, tmp_path, source_dir):
   return config
 
 
-def test_fashion_mnist_smoke_trains_two_steps(tmp_path, source_dir):
-  config = _smoke("fashion_mnist", "smoke", tmp_path, source_dir)
-  builders.run_training(config, str(tmp_path / "run"))
-  assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
-  assert (tmp_path / "run" / "previews" / "step_2.png").stat().st_size > 0
+# (fashion_mnist:smoke trains two steps in tests/test_labelled_eval.py, scored by its judge)
 
 
-@pytest.mark.slow  # the fashion_mnist smoke run above covers the same path in `make test`
+@pytest.mark.slow  # the fashion_mnist smoke run (test_labelled_eval) covers this path
 @pytest.mark.parametrize("arg", ["smoke", "sr,smoke"])
 def test_emoji_smoke_trains_two_steps(tmp_path, source_dir, arg):
   config = _smoke("emoji", arg, tmp_path, source_dir)
