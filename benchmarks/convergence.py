@@ -64,8 +64,8 @@ from cli import UserError  # noqa: E402
 
 CATEGORY = "colour_shape"
 # What each score is called in the table and the plot.
-TITLES = {"colour_shape": "ShapesEval colour x shape", "class": "judge's class accuracy",
-          "emoji_group": "judge's emoji-group accuracy"}
+TITLES = {"colour_shape": "ShapesEval colour x shape", "class": "The judge's class accuracy",
+          "emoji_group": "The judge's emoji-group accuracy"}
 LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
 COLUMNS = ("arm", "step", "train_minutes", "correct", "n", "accuracy", "ci_low", "ci_high",
            "held_out_correct", "held_out_n", "held_out_accuracy", "eval_seconds")
@@ -340,10 +340,11 @@ def markdown(records: list[dict], note: str = "") -> str:
            "", "| arm | step | train min | right / images | accuracy | 95% CI | held-out "
            "right | eval s |", "|---|---|---|---|---|---|---|---|"]
   for row in rows(records):
+    held = (f"{row['held_out_correct']} / {row['held_out_n']}" if row["held_out_n"]
+            else "-")  # (a class set holds no prompt out)
     lines.append(f"| {row['arm']} | {row['step']} | {row['train_minutes']:.2f} | "
                  f"{row['correct']} / {row['n']} | {row['accuracy']:.3f} | "
-                 f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] | "
-                 f"{row['held_out_correct']} / {row['held_out_n']} | "
+                 f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] | {held} | "
                  f"{row['eval_seconds']:.0f} |")
   for r in records:
     s = r["settings"]

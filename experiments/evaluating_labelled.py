@@ -272,14 +272,36 @@ def run_labelled_evaluation(*, outdir, workdirs=(), stages=(), dataset: str, dat
   (out / "eval.json").write_text(json.dumps(result, indent=2))
   text = markdown(summary, dataset, fd, own_accuracy)
   (out / "eval.md").write_text(text)
-  shown = list(range(min(len(records), 32)))
-  grid = images_lib.make_grid(
-      images[shown], [f"{'ok' if records[i]['correct'] else 'NO'}: {records[i]['prompt']} "
-                      f"(read: {records[i]['read']})" for i in shown], columns=8, scale=2)
-  images_lib.save_png(grid, out / "examples.png")
+  images_lib.save_png(example_grid(images, records), out / "examples.png")
   log(text)
   log(f"[eval] wrote {out / 'eval.json'}, {out / 'eval.md'} and {out / 'examples.png'}")
   return result
+
+
+def _short(text: str, common: list[str]) -> str:
+  words = text.split(" ")
+  return " ".join(words[len(common):]) or text
+
+
+def example_grid(images: np.ndarray, records: list[dict], count: int = 32) -> np.ndarray:
+  """The first ``count`` images, each captioned with its prompt and, when the judge read
+  another class, "NO, read: <class>" (the words every class caption shares dropped:
+  "a photo of a t-shirt" -> "a t-shirt")."""
+  from diffusion_jax import images as images_lib
+
+  classes = sorted({r["wanted"] for r in records} | {r["read"] for r in records})
+  common = []
+  for words in zip(*(c.split(" ") for c in classes), strict=False):
+    if len(set(words)) > 1:
+      break
+    common.append(words[0])
+  shown = list(range(min(len(records), count)))
+  captions = []
+  for i in shown:
+    r = records[i]
+    prompt = _short(r["prompt"], common) if r["prompt"] in classes else r["prompt"]
+    captions.append(prompt if r["correct"] else f"{prompt}; NO, read: {_short(r['read'], common)}")
+  return images_lib.make_grid(images[shown], captions, columns=8, scale=2)
 
 
 # ----------------------------------------------------------------------------------------------
