@@ -113,10 +113,8 @@ def clip_score_of(clip, images_uint8: np.ndarray, prompts: list[str], model: str
   of the mean over images."""
   from diffusion_jax.evaluation import clip_score
 
-  images = images_uint8.astype(np.float32) / 127.5 - 1.0
-  image_emb = clip_score.image_embeddings(clip, images)
-  text_emb = np.asarray(clip.encode_prompts(list(prompts)))
-  per_image = np.maximum(100.0 * np.sum(image_emb * text_emb, axis=1), 0.0)
+  per_image = clip_score.clip_scores(clip, images_uint8.astype(np.float32) / 127.5 - 1.0,
+                                     prompts)
   half = 1.959964 * per_image.std(ddof=1) / np.sqrt(len(per_image)) if len(per_image) > 1 \
       else float("nan")
   value = float(per_image.mean())

@@ -146,11 +146,7 @@ def score(judge, prompts: list[tuple[str, bool]], images: np.ndarray, category: 
                     "wanted": judge.captions[want], "read": judge.captions[int(label)],
                     "correct": bool(int(label) == want)})
 
-  def cell(hits):
-    k, n = int(sum(hits)), len(hits)
-    low, high = shapes_eval.wilson_interval(k, n)
-    return {"correct": k, "n": n, "accuracy": k / n if n else float("nan"), "ci95": [low, high]}
-
+  cell = shapes_eval.cell
   entry = {"all": cell([r["correct"] for r in records])}
   for name, held in (("seen", False), ("held_out", True)):
     part = [r["correct"] for r in records if r["held_out"] == held]

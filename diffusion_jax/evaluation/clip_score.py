@@ -46,18 +46,23 @@ def _image_fn(module, mean, std):
   return _IMAGE_FNS[key]
 
 
-def clip_score(clip: clip_lib.CLIP, images: np.ndarray, prompts: Sequence[str],
-               params=None) -> float:
-  """Mean over pairs of max(100 cos(image_i, prompt_i), 0); images [N, H, W, C] in [-1, 1],
-  N prompts."""
+def clip_scores(clip: clip_lib.CLIP, images: np.ndarray, prompts: Sequence[str],
+                params=None) -> np.ndarray:
+  """Per pair max(100 cos(image_i, prompt_i), 0) [N]; images [N, H, W, C] in [-1, 1], N
+  prompts."""
   if len(images) != len(prompts):
     raise ValueError(f"clip_score needs one prompt per image, got {len(images)} images and "
                      f"{len(prompts)} prompts.")
   image_emb = image_embeddings(clip, images, params)
   text_emb = np.asarray(clip.encode_prompts(list(prompts)) if params is None else
                         _text(clip, params, prompts))
-  cos = np.sum(image_emb * text_emb, axis=1)
-  return float(np.mean(np.maximum(100.0 * cos, 0.0)))
+  return np.maximum(100.0 * np.sum(image_emb * text_emb, axis=1), 0.0)
+
+
+def clip_score(clip: clip_lib.CLIP, images: np.ndarray, prompts: Sequence[str],
+               params=None) -> float:
+  """The CLIP score: the mean of ``clip_scores`` over the pairs."""
+  return float(np.mean(clip_scores(clip, images, prompts, params)))
 
 
 def _text(clip, params, prompts):

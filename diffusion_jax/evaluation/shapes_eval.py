@@ -181,7 +181,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
   return low, high
 
 
-def _cell(hits: list[bool]) -> dict:
+def cell(hits: list[bool]) -> dict:
+  """{correct, n, accuracy, ci95 (Wilson 95%)} of a list of right / wrong."""
   k, n = int(sum(hits)), len(hits)
   low, high = wilson_interval(k, n)
   return {"correct": k, "n": n, "accuracy": k / n if n else float("nan"), "ci95": [low, high]}
@@ -195,18 +196,18 @@ def summarise(records: list[dict]) -> dict:
     mine = [r for r in records if r["category"] == category]
     if not mine:
       continue
-    entry = {"all": _cell([r["correct"] for r in mine])}
+    entry = {"all": cell([r["correct"] for r in mine])}
     for name, held in (("seen", False), ("held_out", True)):
       part = [r["correct"] for r in mine if r["held_out"] == held]
       if part:
-        entry[name] = _cell(part)
+        entry[name] = cell(part)
     entry["attributes"] = {
         a: float(np.mean([r["verdict"][a] for r in mine if a in r["verdict"]]))
         for a in judge.ATTRIBUTES if any(a in r["verdict"] for r in mine)}
     out["categories"][category] = entry
   accuracies = [e["all"]["accuracy"] for e in out["categories"].values()]
   out["overall"] = float(np.mean(accuracies)) if accuracies else float("nan")
-  out["all_images"] = _cell([r["correct"] for r in records])
+  out["all_images"] = cell([r["correct"] for r in records])
   return out
 
 
