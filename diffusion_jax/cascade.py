@@ -371,8 +371,9 @@ class Cascade:
       grid = spec.grid()  # numpy, built outside the trace
       scale = spec.guidance_weight()
 
-      def run(params, text_emb, text_mask, null_cond, keys, lowres, clip_text=None):
-        extra = {}
+      def run(params, text_emb, text_mask, null_cond, keys, lowres, clip_text=None,
+              extra_cond=None, null_extra=None):
+        extra = {"extra_cond": extra_cond, "null_extra": null_extra}
         if clip_text is not None:
           extra["guide"] = self.clip_guide.wrapper(clip_text, spec.parameterization)
         if lowres is not None:
@@ -380,7 +381,7 @@ class Cascade:
           logsnr = jnp.full((lowres.shape[0],), lowres_schedule.logsnr(spec.aug_level))
           noise = jax.vmap(lambda k, x: jax.random.normal(jax.random.fold_in(k, 2**31 - 1),
                                                           x.shape))(keys, lowres)
-          extra = dict(lowres=schedules.q_sample(lowres, noise, logsnr),
+          extra.update(lowres=schedules.q_sample(lowres, noise, logsnr),
                        lowres_logsnr=logsnr)
         return sample_stage(
             stage.model, params, text_emb, text_mask, null_cond, keys, grid,
@@ -409,10 +410,13 @@ class Cascade:
     return jax.jit(run)
 
   def sample(self, prompts: Sequence[str], key: jax.Array, *, first_index: int = 0,
-             progress: Callable[[str], None] | None = None) -> list[np.ndarray]:
+             progress: Callable[[str], None] | None = None, extra_cond: dict | None = None,
+             null_extra: dict | None = None) -> list[np.ndarray]:
     """Images of every stage, [B, H_k, W_k, C] floats in [-1, 1], base stage first.
 
     Image b of this call is image ``first_index + b`` of the run seeded by ``key``.
+    ``extra_cond`` / ``null_extra``: the base stage's other conditions (U-Net keywords,
+    leaves [B, ...], e.g. unCLIP's ``image_embed``; ``guided_model_fn``).
     """
     emb, mask = self.text_encoder.encode(list(prompts))
     null_emb, null_mask = self.text_encoder.encode([""])
@@ -427,8 +431,9 @@ class Cascade:
                  f"{stage.spec.guidance_scale}")
       clip_text = (self.clip_guide.encode(prompts) if index == 0 and self.clip_guide
                    else None)
+      extra = {"extra_cond": extra_cond, "null_extra": null_extra} if index == 0 else {}
       images = stage.kind.decode(self._stage_fn(index)(stage.params, emb, mask, null, keys,
-                                                       lowres, clip_text))
+                                                       lowres, clip_text, **extra))
       lowres = images
       outputs.append(np.asarray(jax.device_get(images)))
     return outputs

@@ -197,3 +197,23 @@ class PriorSampler:
     cond = self.condition(prompts)
     keys = samplers.image_keys(key, len(prompts), first_index)
     return self._run(self.params, cond, self.null, keys)
+
+
+# --- The decoder: a cascade whose base stage takes the image embedding ------------------
+
+
+def decode(cascade, image_embed: jnp.ndarray, prompts, key: jax.Array, *,
+           first_index: int = 0, progress=None) -> list[np.ndarray]:
+  """Images of every stage of ``cascade`` ([B, H_k, W_k, C] in [-1, 1], decoder first) for
+  unit-norm image embeddings [B, E] and captions ``prompts`` ("" for none: variations).
+
+  The decoder's classifier-free guidance drops the embedding with the caption (its null
+  half gets zeros, the embedding's training null), as DALL-E 2 guides its decoder; the
+  super-resolution stages after it see the caption and the previous stage's images."""
+  image_embed = jnp.asarray(image_embed, jnp.float32)
+  if image_embed.ndim != 2 or image_embed.shape[0] != len(prompts):
+    raise ValueError(f"decode needs embeddings [{len(prompts)}, E] for {len(prompts)} "
+                     f"prompts, got {tuple(image_embed.shape)}.")
+  return cascade.sample(list(prompts), key, first_index=first_index, progress=progress,
+                        extra_cond={"image_embed": image_embed},
+                        null_extra={"image_embed": jnp.zeros(image_embed.shape[1:])})

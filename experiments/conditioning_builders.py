@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
-from cli import ConfigError
+from builders import ConfigError
 
 from diffusion_jax import conditioning
 
@@ -45,10 +45,8 @@ def conditions(config: ml_collections.ConfigDict, channels: int = 3) -> tuple:
       return (conditioning.MaskedImage(channels=channels, min_fraction=c.mask_min_fraction,
                                        max_fraction=c.mask_max_fraction,
                                        full_prob=c.mask_full_prob, **drop),)
-    if c.embed_dim is None:
-      raise ConfigError("config.conditioning.kind='image_embed' needs "
-                        "config.conditioning.embed_dim (the CLIP projection width).")
-    return (conditioning.ImageEmbedding(dim=c.embed_dim, source=c.clip_dir, **drop),)
+    embed_dim = c.embed_dim if c.embed_dim is not None else clip_embed_dim(c.clip_dir)
+    return (conditioning.ImageEmbedding(dim=embed_dim, source=c.clip_dir, **drop),)
   except ValueError as e:
     raise ConfigError(f"config.conditioning: {e}") from None
 
@@ -64,11 +62,47 @@ def stage_unet_config(config: ml_collections.ConfigDict, unet_cfg, latent: bool 
   return dataclasses.replace(unet_cfg, **fields)
 
 
+def clip_embed_dim(clip_dir) -> int:
+  """The projection width of the CLIP in ``clip_dir`` (a train_clip workdir or a Hugging
+  Face CLIPModel directory), read from its config.json alone (no weights)."""
+  import json
+
+  from diffusion_jax import unclip
+  from diffusion_jax.models import clip as clip_lib
+
+  if not clip_dir:
+    raise ConfigError("config.conditioning.kind='image_embed' needs "
+                      "config.conditioning.clip_dir: the frozen CLIP whose image embeddings "
+                      "condition the stage (experiments/train_clip.py's workdir, or a Hugging "
+                      "Face CLIPModel directory).")
+  try:
+    path = unclip.clip_directory(clip_dir) / "config.json"
+    if not path.is_file():
+      raise FileNotFoundError(f"{path} not found: not a CLIPModel directory.")
+    return clip_lib.CLIPConfig.from_hf(json.loads(path.read_text())).projection_dim
+  except (FileNotFoundError, ValueError, OSError) as e:
+    raise ConfigError(f"config.conditioning.clip_dir={clip_dir}: {e}") from None
+
+
 def image_embed_encoder(config: ml_collections.ConfigDict, mesh=None):
-  """The frozen image encoder of an ``image_embed`` stage: images [B, H, W, C] in
-  [-1, 1] -> [B, embed_dim]."""
-  raise ConfigError("config.conditioning.kind='image_embed' trains against a frozen CLIP "
-                    "image encoder, which this version cannot load yet.")
+  """The frozen image encoder of an ``image_embed`` stage: a jitted CLIP image tower,
+  images [B, H, W, C] in [-1, 1] -> unit-norm [B, embed_dim] (``unclip.ImageEmbedder``:
+  the space the unCLIP prior samples in). ``mesh`` is unused: the tower's params are
+  small and replicated; its output keeps the batch's sharding."""
+  del mesh
+  from diffusion_jax import unclip
+
+  c = _section(config)
+  dim = conditions(config)[0].dim  # checks clip_dir and embed_dim without loading weights
+  try:
+    clip, directory = unclip.load_clip(c.clip_dir)
+  except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
+    raise ConfigError(f"config.conditioning.clip_dir={c.clip_dir}: {e}") from None
+  if clip.config.projection_dim != dim:
+    raise ConfigError(f"config.conditioning.embed_dim={dim}, but the CLIP in {directory} "
+                      f"embeds into {clip.config.projection_dim} dimensions; unset embed_dim "
+                      "(it defaults to the CLIP's) or fix it.")
+  return unclip.ImageEmbedder(clip, directory)
 
 
 def for_training(config: ml_collections.ConfigDict, steps, unet_cfg, mesh=None):

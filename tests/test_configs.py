@@ -25,14 +25,16 @@ from diffusion_jax.training import state as state_lib  # noqa: E402
 
 # Configs that are not diffusion stages, each tested by its own module's tests.
 OTHER_CONFIGS = {"clip_shapes": "tests/test_clip_train.py",
-                 "probe_shapes": "tests/test_probe.py"}
+                 "probe_shapes": "tests/test_probe.py",
+                 "prior_shapes": "tests/test_unclip_prior.py"}
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
                  if p.stem not in ("__init__", "common", *OTHER_CONFIGS))
 DEVICES = 64  # e.g. a TPU v4-128 slice (64 chips)
 
 
 # Arguments besides the default that each small config is also checked with.
-_ARGS = {"demo_base": ("smoke",), "demo_sr": ("smoke",), "fashion_mnist": ("smoke",),
+_ARGS = {"demo_base": ("smoke",), "demo_sr": ("smoke",), "unclip_decoder_shapes": ("smoke",),
+         "fashion_mnist": ("smoke",),
          "emoji": ("smoke", "sr", "sr,smoke"),
          # also in tests/test_latent.py
          "autoencoder_shapes": (), "latent_shapes": ()}
