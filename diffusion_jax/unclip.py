@@ -111,7 +111,8 @@ class ImageEmbedder:
       out = None
       if isinstance(sharding, jax.sharding.NamedSharding):
         batch_axis = sharding.spec[0] if len(sharding.spec) else None
-        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(batch_axis))
+        out = jax.sharding.NamedSharding(sharding.mesh,
+                                        jax.sharding.PartitionSpec(batch_axis, None))
       self._fns[sharding] = jax.jit(self.clip.image_embeddings, out_shardings=out)
     return self._fns[sharding]
 

@@ -65,19 +65,6 @@ def settings_from_config(c):
   return model, optimizer, settings
 
 
-def load_clip(path, flag: str = "--config.clip_dir"):
-  """(CLIP, its directory) or UserError (one line)."""
-  from diffusion_jax import unclip
-
-  if not path:
-    raise UserError(f"{flag} is required: a CLIP directory (experiments/train_clip.py's "
-                    "workdir, or a Hugging Face CLIPModel directory).")
-  try:
-    return unclip.load_clip(path)
-  except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
-    raise UserError(f"{flag}={path}: {e}") from None
-
-
 def train_and_evaluate(config, workdir: str, log=print) -> dict:
   """Trains (resuming), writes prior.json and eval.json; returns the eval dict."""
   import jax
@@ -90,7 +77,9 @@ def train_and_evaluate(config, workdir: str, log=print) -> dict:
   model, optimizer, settings = settings_from_config(config)
   _checked(f"config.diffusion.schedule={config.diffusion.schedule!r}", schedules.get,
            config.diffusion.schedule)
-  clip, clip_dir = load_clip(config.clip_dir)
+  import unclip_builders
+
+  clip, clip_dir = unclip_builders.load_clip_dir(config.clip_dir, "--config.clip_dir")
   try:
     loop_lib.check_workdir(workdir)
   except ValueError as e:

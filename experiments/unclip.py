@@ -30,6 +30,7 @@ import builders  # noqa: E402
 import cli  # noqa: E402
 import sampler_flags  # noqa: E402
 import sampling  # noqa: E402
+import unclip_builders as ub  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from cli import UserError  # noqa: E402
 
@@ -61,24 +62,6 @@ flags.DEFINE_string("probe_path", None, "evaluate: a saved probe file instead.")
 flags.DEFINE_string("outdir", None, "Where to write the grids and unclip.json / eval.json.")
 
 
-def read_image(path: str, resolution: int):
-  """--image as floats [R, R, 3] in [-1, 1] (resized to the decoder's size)."""
-  import numpy as np
-  from PIL import Image, UnidentifiedImageError
-
-  if not path:
-    raise UserError("variations needs --image=PNG (the image to make variations of).")
-  if not pathlib.Path(path).is_file():
-    raise UserError(f"--image {path} does not exist.")
-  try:
-    image = Image.open(path).convert("RGB")
-  except (UnidentifiedImageError, OSError) as e:
-    raise UserError(f"--image {path} is not a readable image ({e}).") from None
-  if image.size != (resolution, resolution):
-    image = image.resize((resolution, resolution), Image.BILINEAR)
-  return np.asarray(image).astype(np.float32) / 127.5 - 1.0
-
-
 def check_flags(command: str, f) -> None:
   """Every check that reads no checkpoint."""
   if command not in COMMANDS:
@@ -102,87 +85,6 @@ def check_flags(command: str, f) -> None:
     raise UserError(f"--prior_steps={f.prior_steps}; it must be >= 1.")
 
 
-def decoder_config(workdir: str):
-  """The decoder workdir's config, refused unless it was trained with an image embedding."""
-  import conditioning_builders
-
-  config = sampling.load_workdir_config(workdir)
-  kind = conditioning_builders.kind(config)
-  if kind != "image_embed":
-    raise UserError(f"--workdirs: {workdir} was not trained with a CLIP image embedding "
-                    f"(its config.conditioning.kind is {kind!r}); the first stage must be an "
-                    "unCLIP decoder (experiments/train.py --config="
-                    "configs/unclip_decoder_shapes.py).")
-  return config
-
-
-def load_clip(f, config):
-  """(ImageEmbedder of the decoder's CLIP, its CLIP) (UserError, one line)."""
-  import train_prior
-
-  from diffusion_jax import unclip
-
-  flag = "--clip_dir" if f.clip_dir else f"{f.workdirs[0]}'s config.conditioning.clip_dir"
-  clip, directory = train_prior.load_clip(f.clip_dir or config.conditioning.clip_dir, flag)
-  embed_dim = config.conditioning.get("embed_dim")
-  if embed_dim is not None and embed_dim != clip.config.projection_dim:
-    raise UserError(f"{flag}: the CLIP in {directory} embeds into "
-                    f"{clip.config.projection_dim} dimensions, the decoder was trained on "
-                    f"{embed_dim}.")
-  return unclip.ImageEmbedder(clip, directory), clip
-
-
-def _same_clip(a: str, b: str) -> bool:
-  """Whether two CLIP directories hold the same weights (same path, or same bytes)."""
-  import hashlib
-
-  pa, pb = pathlib.Path(a).resolve(), pathlib.Path(b).resolve()
-  if pa == pb:
-    return True
-  digest = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
-  try:
-    return digest(pa) == digest(pb)
-  except OSError:
-    return False
-
-
-def load_prior(f, embedder, clip):
-  """The prior's sampler, with the decoder's CLIP (refused if the prior's was another)."""
-  from diffusion_jax.training import prior_train
-
-  path = pathlib.Path(f.prior) / prior_train.PRIOR_JSON
-  if not path.is_file():
-    raise UserError(f"--prior: {path} not found: {f.prior} is not a prior workdir (train one "
-                    "with experiments/train_prior.py --workdir=...).")
-  trained_with = json.loads(path.read_text()).get("clip_dir", "")
-  if not f.clip_dir and not _same_clip(trained_with, embedder.directory):
-    raise UserError(f"--prior was trained against the CLIP in {trained_with}, the decoder "
-                    f"against {embedder.directory}: their embedding spaces differ (train both "
-                    "with one CLIP, or pass --clip_dir to insist).")
-  try:
-    return prior_train.load_sampler(f.prior, clip, f.prior_checkpoint_step,
-                                    num_steps=f.prior_steps,
-                                    guidance_scale=f.prior_guidance_scale)
-  except (FileNotFoundError, ValueError) as e:
-    raise UserError(f"--prior={f.prior}: {e}") from None
-
-
-def load_decoder(f):
-  """(Cascade of the decoder and SR stages, descriptions, ImageEmbedder, CLIP, config)."""
-  config = decoder_config(f.workdirs[0])
-  embedder, clip = load_clip(f, config)
-  settings = {name: getattr(f, name) for name in sampler_flags.NAMES
-              if name not in ("workdirs", "stages", "seed", "clip_guidance_scale",
-                              "clip_checkpoint")}
-  if f.clip_guidance_scale:
-    raise UserError("--clip_guidance_scale is not supported by unclip.py.")
-  per_stage, steps = sampling.stage_settings(len(f.workdirs), num_workdirs=len(f.workdirs),
-                                             **settings)
-  cascade, described, _ = sampling.load_cascade(f.workdirs, checkpoint_steps=steps,
-                                                per_stage=per_stage)
-  return cascade, described, embedder, clip, config
-
-
 def _save_grid(images_lib, tiles, captions, path, columns):
   res = tiles.shape[1]
   return images_lib.save_png(images_lib.make_grid(tiles, captions, columns=columns,
@@ -201,10 +103,10 @@ def run(command: str, f) -> dict:
   if command == "sample":
     prompts = sampling.read_prompts(f.prompts, f.prompts_file)
   if command == "variations":
-    config = decoder_config(f.workdirs[0])  # its resolution, before anything is loaded
-    image = read_image(f.image, config.data.resolution)
-  cascade, described, embedder, clip, config = load_decoder(f)
-  prior = load_prior(f, embedder, clip) if command in ("sample", "evaluate") else None
+    config = ub.decoder_config(f.workdirs[0])  # its resolution, before anything is loaded
+    image = ub.read_image(f.image, config.data.resolution)
+  cascade, described, embedder, clip, config = ub.load_decoder(f)
+  prior = ub.load_prior(f, embedder, clip) if command in ("sample", "evaluate") else None
   key = jax.random.key(f.seed)
   prior_key, decoder_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
   outdir = pathlib.Path(f.outdir)
