@@ -139,3 +139,46 @@ def test_bad_input_is_one_error_line(decoder_workdir, tmp_path):
   (plain / "config.json").write_text(json.dumps(demo_base.get_config("smoke").to_dict()))
   with pytest.raises(builders.UserError, match="not trained with a CLIP image embedding"):
     unclip_builders.decoder_config(str(plain))
+
+
+def test_a_prior_of_another_clip_is_refused(clip_workdir, tmp_path):
+  import shutil
+
+  same, other = tmp_path / "same", tmp_path / "other"
+  shutil.copytree(clip_workdir / "clip", same)
+  shutil.copytree(clip_workdir / "clip", other)
+  (other / "model.safetensors").write_bytes(b"other weights")
+  assert unclip_builders._same_clip(str(clip_workdir / "clip"), str(same))
+  assert not unclip_builders._same_clip(str(clip_workdir / "clip"), str(other))
+
+
+@pytest.mark.slow
+def test_sample_and_evaluate_end_to_end(decoder_workdir, clip_workdir, tmp_path):
+  import probe_helpers
+
+  workdir, _ = decoder_workdir
+  prior = tmp_path / "prior"
+  r = subprocess.run([sys.executable, str(ROOT / "experiments" / "train_prior.py"),
+                      "--config=configs/prior_shapes.py:smoke",
+                      f"--config.clip_dir={clip_workdir}", f"--config.resolution={RES}",
+                      f"--workdir={prior}"], capture_output=True, text=True, cwd=ROOT,
+                     timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  common = [f"--prior={prior}", f"--workdirs={workdir}", "--steps=2", "--prior_steps=2"]
+  r = _unclip("sample", *common, "--prompts=a red circle", "--prompts=a blue square",
+              f"--outdir={tmp_path / 's'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  record = json.loads((tmp_path / "s" / "unclip.json").read_text())
+  assert record["prompts"] == ["a red circle", "a blue square"]
+  assert record["prior"]["num_steps"] == 2 and (tmp_path / "s" / "stage1_8px.png").exists()
+  _, probe_path = probe_helpers.tiny_probe()
+  r = _unclip("evaluate", *common, "--images_per_prompt=1", "--num_inputs=3",
+              "--variations_per_input=2", "--batch_size=16", f"--probe_path={probe_path}",
+              f"--outdir={tmp_path / 'e'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads((tmp_path / "e" / "eval.json").read_text())
+  assert result["summary"]["categories"]["colour_shape"]["all"]["n"] == 48
+  v = result["variations"]
+  assert (v["num_inputs"], v["variations_per_input"]) == (3, 2)
+  assert v["vs_input_truth"]["correct"]["n"] == 6
+  assert (tmp_path / "e" / "variations.png").exists() and (tmp_path / "e" / "eval.md").exists()
