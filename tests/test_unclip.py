@@ -25,7 +25,7 @@ import conditioning_builders  # noqa: E402
 import latent_builders  # noqa: E402
 import unclip_builders  # noqa: E402
 
-from configs import demo_base, unclip_decoder_shapes  # noqa: E402
+from configs import demo_base, demo_sr, unclip_decoder_shapes  # noqa: E402
 from diffusion_jax import conditioning, sharding, unclip  # noqa: E402
 from diffusion_jax.data import shapes  # noqa: E402
 from diffusion_jax.evaluation import clip_score  # noqa: E402
@@ -164,13 +164,31 @@ def test_sample_and_evaluate_end_to_end(decoder_workdir, clip_workdir, tmp_path)
                       f"--workdir={prior}"], capture_output=True, text=True, cwd=ROOT,
                      timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
-  common = [f"--prior={prior}", f"--workdirs={workdir}", "--steps=2", "--prior_steps=2"]
+  # An 8 -> 16 px super-resolution stage after the decoder, as demo_sr follows it.
+  config = demo_sr.get_config("smoke")
+  config.data.resolution, config.data.lowres_resolution = 2 * RES, RES
+  config.data.crop, config.data.shapes_resolution = "center", None
+  config.diffusion.schedule_kwargs.shifted_cosine.resolution = 2 * RES
+  config.diffusion.schedule_kwargs.shifted_cosine.base_resolution = RES
+  config.text.encoder, config.text.max_length, config.text.cache_dir = "t5-offline", 16, None
+  config.train.batch_size, config.train.num_steps, config.train.checkpoint_every = 4, 2, 2
+  sr = tmp_path / "sr"
+  loop_lib.train(sr, model=unet_lib.UNet(builders.unet_config(config)),
+                 loop=builders.loop_settings(config), step_settings=builders.step_settings(config),
+                 optimizer=builders.optimizer_settings(config),
+                 data_factory=lambda: th.ShapesIterator(4, 2 * RES, RES),
+                 text_encoder=builders.text_encoder(config), config_json=config.to_dict(),
+                 log=lambda s: None)
+  common = [f"--prior={prior}", f"--workdirs={workdir},{sr}", "--steps=2", "--prior_steps=2"]
   r = _unclip("sample", *common, "--prompts=a red circle", "--prompts=a blue square",
               f"--outdir={tmp_path / 's'}")
   assert r.returncode == 0, r.stderr[-3000:]
   record = json.loads((tmp_path / "s" / "unclip.json").read_text())
   assert record["prompts"] == ["a red circle", "a blue square"]
-  assert record["prior"]["num_steps"] == 2 and (tmp_path / "s" / "stage1_8px.png").exists()
+  assert record["prior"]["num_steps"] == 2
+  assert [s["resolution"] for s in record["stages"]] == [RES, 2 * RES]
+  assert (tmp_path / "s" / "stage1_8px.png").exists()
+  assert (tmp_path / "s" / "stage2_16px.png").exists()
   _, probe_path = probe_helpers.tiny_probe()
   r = _unclip("evaluate", *common, "--images_per_prompt=1", "--num_inputs=3",
               "--variations_per_input=2", "--batch_size=16", f"--probe_path={probe_path}",
