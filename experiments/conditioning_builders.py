@@ -38,6 +38,8 @@ def conditions(config: ml_collections.ConfigDict, channels: int = 3) -> tuple:
     return ()
   c = _section(config)
   drop = {} if c.drop_prob is None else {"drop_prob": c.drop_prob}
+  if name == "image_embed":  # (its own one-line ConfigError, outside the wrapping below)
+    embed_dim = c.embed_dim if c.embed_dim is not None else clip_embed_dim(c.clip_dir)
   try:
     if name == "input_image":
       return (conditioning.InputImage(channels=channels, **drop),)
@@ -45,7 +47,6 @@ def conditions(config: ml_collections.ConfigDict, channels: int = 3) -> tuple:
       return (conditioning.MaskedImage(channels=channels, min_fraction=c.mask_min_fraction,
                                        max_fraction=c.mask_max_fraction,
                                        full_prob=c.mask_full_prob, **drop),)
-    embed_dim = c.embed_dim if c.embed_dim is not None else clip_embed_dim(c.clip_dir)
     return (conditioning.ImageEmbedding(dim=embed_dim, source=c.clip_dir, **drop),)
   except ValueError as e:
     raise ConfigError(f"config.conditioning: {e}") from None

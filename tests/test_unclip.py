@@ -200,3 +200,18 @@ def test_sample_and_evaluate_end_to_end(decoder_workdir, clip_workdir, tmp_path)
   assert (v["num_inputs"], v["variations_per_input"]) == (3, 2)
   assert v["vs_input_truth"]["correct"]["n"] == 6
   assert (tmp_path / "e" / "variations.png").exists() and (tmp_path / "e" / "eval.md").exists()
+
+
+def test_decoder_config_needs_a_clip(clip_workdir, tmp_path):
+  config = _decoder_config(clip_workdir)
+  (condition,) = conditioning_builders.conditions(config)
+  assert condition.dim == 16 and condition.encoder is None  # config.json read, no weights
+  config.conditioning.clip_dir = None
+  with pytest.raises(builders.ConfigError, match="needs config.conditioning.clip_dir"):
+    conditioning_builders.conditions(config)
+  config.conditioning.clip_dir = str(tmp_path)
+  with pytest.raises(builders.ConfigError, match="config.json not found"):
+    conditioning_builders.conditions(config)
+  config.conditioning.clip_dir, config.conditioning.embed_dim = str(clip_workdir), 32
+  with pytest.raises(builders.ConfigError, match="embed_dim=32, but the CLIP"):
+    conditioning_builders.image_embed_encoder(config)
