@@ -11,7 +11,9 @@ before / after grid (and edit.json) to --outdir.
       --images=concept/*.png --token="<s*>" --init_word=shape --outdir=runs/ti
 
 sdedit: SDEdit (Meng et al. 2022) at each --strength in (0, 1]. inpaint: the known-region
-wrapper (--method=replace, any sampler) or RePaint with resampling jumps (--method=repaint).
+wrapper (--method=replace, any sampler), RePaint with resampling jumps (--method=repaint),
+or an inpainting stage that takes the masked image and mask as input channels
+(--method=stage, --workdir trained with configs/inpaint_shapes.py).
 p2p: Prompt-to-Prompt word swap (Hertz et al. 2022): the target keeps the source's
 cross-attention maps for the first --replace_fraction of the steps (--reweight=word=2.0
 re-weights a target word). textual-inversion: learns --token's embedding from --images
@@ -44,7 +46,8 @@ flags.DEFINE_string("target", None, "p2p: the target prompt (one word swapped)."
 flags.DEFINE_string("image", None, "sdedit / inpaint: the input image (PNG).")
 flags.DEFINE_string("mask", None, "inpaint: mask PNG of the image's size, white = generate.")
 flags.DEFINE_list("strength", ["0.5"], "sdedit: strengths in (0, 1].")
-flags.DEFINE_enum("method", "replace", ["replace", "repaint"], "inpaint method.")
+flags.DEFINE_enum("method", "replace", ["replace", "repaint", "stage"],
+                  "inpaint method (stage: a stage trained with configs/inpaint_shapes.py).")
 flags.DEFINE_integer("jump_length", 10, "repaint: levels per resampling jump.")
 flags.DEFINE_integer("jump_n_sample", 1, "repaint: passes per jump point (1 = no jumps).")
 flags.DEFINE_float("replace_fraction", 0.8, "p2p: fraction of steps with injected maps.")
@@ -163,6 +166,27 @@ def _load(f):
   return cascade.stages[0], encoder, described[0]
 
 
+def _needed_condition(command: str, f) -> str | None:
+  """The condition beyond text the sub-command's stage must have been trained with."""
+  if command == "inpaint" and f.method == "stage":
+    return "masked_image"
+  return None
+
+
+def _check_stage(command: str, f, stage) -> None:
+  have = (stage.conditioning or {}).get("kind")
+  need = _needed_condition(command, f)
+  if have == need:
+    return
+  if need is None:
+    raise UserError(f"{f.workdir} is conditioned on {have} as well as text; {command} "
+                    "edits with a text-to-image stage (for an inpainting stage use "
+                    "inpaint --method=stage).")
+  raise UserError(f"{command}{' --method=stage' if command == 'inpaint' else ''} needs a "
+                  f"stage trained with config.conditioning.kind={need!r}; {f.workdir} has "
+                  f"{have or 'none'}.")
+
+
 def _guided(stage, cond, null):
   """The stage's guided, thresholded model_fn for cond (leaves [B, ...])."""
   from diffusion_jax import cascade as cascade_lib
@@ -203,6 +227,7 @@ def run(command: str, f) -> pathlib.Path:
 
   parsed = check_flags(command, f)
   stage, encoder, described = _load(f)
+  _check_stage(command, f, stage)
   spec, n = stage.spec, f.num_images
   shape = (spec.resolution, spec.resolution, stage.model.config.out_channels)
   grid, key = spec.grid(), jax.random.key(f.seed)
@@ -229,7 +254,21 @@ def run(command: str, f) -> pathlib.Path:
     generate = _read_png(f.mask, "--mask", spec.resolution, mode="L") >= 128
     known = jnp.asarray(~generate)
     model_fn = _guided(stage, cond, null)
-    if f.method == "replace":
+    if f.method == "stage":
+      from diffusion_jax import cascade as cascade_lib
+      from diffusion_jax import conditioning
+
+      mask = jnp.broadcast_to(jnp.asarray(generate, jnp.float32)[None, :, :, None],
+                              (n, *shape[:2], 1))
+      # The masked image conditions both halves of the guidance; only the text is dropped.
+      model_fn = cascade_lib.guided_model_fn(
+          stage.model, stage.params, cond["text_emb"], cond["text_mask"], null,
+          parameterization=spec.parameterization, guidance_scale=spec.guidance_scale,
+          threshold=spec.threshold, percentile=spec.percentile,
+          extra_cond={"cond_image": conditioning.masked_input(x0, mask)})
+      out = jax.jit(lambda k: _sampler_call(stage, model_fn, samplers.initial_noise(
+          k, (n, *shape)), grid, k))(keys)
+    elif f.method == "replace":
       wrapped = inpainting.known_region_model_fn(model_fn, x0, known, spec.parameterization)
       out = jax.jit(lambda k: _sampler_call(stage, wrapped, samplers.initial_noise(
           k, (n, *shape)), grid, k))(keys)

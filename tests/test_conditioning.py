@@ -3,6 +3,8 @@ dropout of diffusion_jax.conditioning, and a conditioned stage through the train
 
 import dataclasses
 import json
+import pathlib
+import sys
 
 import flax.linen as nn
 import jax
@@ -11,11 +13,13 @@ import numpy as np
 import pytest
 import training_helpers as th
 
-from diffusion_jax import cascade, conditioning
-from diffusion_jax.models import unet as unet_lib
-from diffusion_jax.training import loop as loop_lib
-from diffusion_jax.training import state as state_lib
-from diffusion_jax.training import step as step_lib
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
+
+from diffusion_jax import cascade, conditioning  # noqa: E402
+from diffusion_jax.models import unet as unet_lib  # noqa: E402
+from diffusion_jax.training import loop as loop_lib  # noqa: E402
+from diffusion_jax.training import state as state_lib  # noqa: E402
+from diffusion_jax.training import step as step_lib  # noqa: E402
 
 
 def _config(**fields):
@@ -158,3 +162,51 @@ def test_a_conditioned_stage_trains_through_the_loop_and_its_loss_falls(tmp_path
                                                         resolution=16),
       text_len=th.TEXT_LEN, text_dim=th.TEXT_DIM)
   assert step == 40 and "stem" in params
+
+
+def test_inpainting_stage_from_its_config_edits_and_is_refused_where_it_cannot_run(tmp_path):
+  """configs/inpaint_shapes.py:smoke through the builders (U-Net inputs and conditions
+  from config.conditioning), two steps; then edit.py inpaint --method=stage end to end,
+  and sample.py / the training-free methods refuse the stage."""
+  import subprocess
+  import sys
+
+  import builders
+  import conditioning_builders
+  import latent_builders
+  import sampling
+  from cli import UserError
+  from PIL import Image
+  from test_sample import ROOT, _tiny
+
+  from configs import inpaint_shapes
+
+  config = _tiny(inpaint_shapes.get_config("smoke"), 8)
+  model_cfg = latent_builders.stage_unet_config(config, builders.unet_config(config))
+  assert model_cfg.cond_image_channels == 4
+  steps = conditioning_builders.for_training(config, builders.step_settings(config), model_cfg)
+  assert steps.diffusion.conditions == (conditioning.MaskedImage(),)
+  workdir = tmp_path / "inpaint"
+  loop_lib.train(
+      workdir, model=unet_lib.UNet(model_cfg), loop=builders.loop_settings(config),
+      step_settings=steps, optimizer=builders.optimizer_settings(config),
+      data_factory=lambda: th.ShapesIterator(4, 8), text_encoder=builders.text_encoder(config),
+      config_json=config.to_dict(), log=lambda s: None)
+  with pytest.raises(UserError, match="edit.py inpaint --method=stage"):
+    sampling.prepare_cascade(workdirs=[str(workdir)])
+  Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "in.png")
+  mask = np.zeros((8, 8), np.uint8)
+  mask[:, 4:] = 255
+  Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+  args = [sys.executable, str(ROOT / "experiments" / "edit.py"), "inpaint",
+          f"--workdir={workdir}", "--prompt=a red dot", f"--image={tmp_path / 'in.png'}",
+          f"--mask={tmp_path / 'mask.png'}", "--steps=3", "--num_images=2"]
+  r = subprocess.run(args + ["--method=stage", f"--outdir={tmp_path / 'out'}"],
+                     capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (tmp_path / "out" / "inpaint.png").is_file()
+  import edit  # the training-free methods need a text-to-image stage
+
+  stage = sampling.load_cascade([str(workdir)])[0].stages[0]
+  with pytest.raises(UserError, match="conditioned on masked_image"):
+    edit._check_stage("inpaint", type("F", (), {"method": "repaint", "workdir": "w"}), stage)
