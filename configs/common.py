@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.caption_template = "a photo of a {label}"
   c.data.resolution = 32
   c.data.lowres_resolution = config_dict.placeholder(int)
-  c.data.crop = "center"             # center | random
+  c.data.crop = "center"             # center | random | random_rescale (SDXL's crops)
+  c.data.max_rescale = 1.5           # random_rescale: shorter side to R * U[1, max_rescale]
   # shapes only: render the scenes at this size (default: data.resolution); larger than
   # data.resolution with crop="random" trains on crops (Imagen's super-resolution stages)
   c.data.shapes_resolution = config_dict.placeholder(int)
@@ -145,6 +146,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.autoencoder.l2_weight = 0.0         # and mean (x - x')^2
   c.autoencoder.kl_weight = 1e-6        # KL summed over latents / pixel values (LDM's ratio)
   c.autoencoder.scale_batches = 8       # batches the latent scale factor / PSNR are taken on
+  # shapes only: the probe's accuracy on this many real validation / test_compositional
+  # images and on their reconstructions, into autoencoder.json (0: skip)
+  c.autoencoder.probe_scenes = 0
 
   # Conditions besides the text (diffusion_jax/conditioning.py): "none"; "input_image"
   # (InstructPix2Pix: the dataset's input_image concatenated with x_t, dropped with
@@ -161,6 +165,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.conditioning.mask_full_prob = 0.1
   c.conditioning.embed_dim = config_dict.placeholder(int)
   c.conditioning.clip_dir = config_dict.placeholder(str)
+  # SDXL's micro-conditioning (with any kind above): the rescaled size and crop offsets of
+  # each training crop (needs data.crop="random_rescale"); sampling asks for no crop.
+  c.conditioning.micro = False
 
   # Multi-host (GPU clusters; TPU VMs detect everything themselves).
   c.distributed = ml_collections.ConfigDict()

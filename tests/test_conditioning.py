@@ -3,6 +3,8 @@ dropout of diffusion_jax.conditioning, and a conditioned stage through the train
 
 import dataclasses
 import json
+import pathlib
+import sys
 
 import flax.linen as nn
 import jax
@@ -11,11 +13,13 @@ import numpy as np
 import pytest
 import training_helpers as th
 
-from diffusion_jax import cascade, conditioning
-from diffusion_jax.models import unet as unet_lib
-from diffusion_jax.training import loop as loop_lib
-from diffusion_jax.training import state as state_lib
-from diffusion_jax.training import step as step_lib
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
+
+from diffusion_jax import cascade, conditioning  # noqa: E402
+from diffusion_jax.models import unet as unet_lib  # noqa: E402
+from diffusion_jax.training import loop as loop_lib  # noqa: E402
+from diffusion_jax.training import state as state_lib  # noqa: E402
+from diffusion_jax.training import step as step_lib  # noqa: E402
 
 
 def _config(**fields):
@@ -34,7 +38,8 @@ def _init(cfg, key=0):
 
 
 def test_unet_conditions_reach_the_output_and_bad_inputs_are_refused():
-  cfg = _config(cond_image_channels=4, image_embed_dim=5, image_embed_tokens=2)
+  cfg = _config(cond_image_channels=4, image_embed_dim=5, image_embed_tokens=2,
+                micro_cond_dim=4)
   model, params = _init(cfg)
   inputs = unet_lib.example_inputs(cfg, 2)
   assert inputs["cond_image"].shape == (2, 16, 16, 4) and inputs["image_embed"].shape == (2, 5)
@@ -46,6 +51,8 @@ def test_unet_conditions_reach_the_output_and_bad_inputs_are_refused():
   other_embed = dict(inputs, image_embed=jax.random.normal(key, inputs["image_embed"].shape))
   assert float(jnp.abs(apply(params, **other_image) - out).max()) > 1e-3
   assert float(jnp.abs(apply(params, **other_embed) - out).max()) > 1e-3
+  cropped = dict(inputs, micro_cond=jnp.asarray([[24.0, 24.0, 8.0, 0.0]] * 2))
+  assert float(jnp.abs(apply(params, **cropped) - out).max()) > 1e-3
   with pytest.raises(ValueError, match="cond_image of shape"):
     model.apply(params, **dict(inputs, cond_image=None))
   with pytest.raises(ValueError, match="image_embed of shape"):
@@ -57,6 +64,7 @@ def test_unet_conditions_reach_the_output_and_bad_inputs_are_refused():
                 cond_image=inputs["cond_image"])
   # Without the new fields the parameter tree is the one checkpoints already hold.
   assert "image_embed_proj" not in plain_params["params"]
+  assert "micro_cond_in" not in plain_params["params"]
   assert plain_params["params"]["stem"]["kernel"].shape[2] == 3
 
 
@@ -91,9 +99,10 @@ def test_masked_input_and_dropout_closed_forms():
   assert abs(float(kept.mean()) - 0.7) < 0.035  # 3.4 sigma
   with pytest.raises(ValueError, match="drop_prob"):
     conditioning.InputImage(drop_prob=1.5)
-  cond = (conditioning.InputImage(), conditioning.MaskedImage())
+  cond = (conditioning.InputImage(), conditioning.MaskedImage(),
+          conditioning.MicroConditioning())
   assert conditioning.unet_requirements(cond) == {"cond_image_channels": 7,
-                                                  "image_embed_dim": None}
+                                                  "image_embed_dim": None, "micro_cond_dim": 4}
   for c in (*cond, conditioning.ImageEmbedding(dim=8, source="clip")):
     assert conditioning.from_json(c.to_json()).to_json() == c.to_json()
 
@@ -130,11 +139,10 @@ def _embed(images):
   return jnp.mean(images, axis=(1, 2))
 
 
-@pytest.mark.parametrize("condition", [
-    conditioning.MaskedImage(),
-    conditioning.ImageEmbedding(dim=3, encoder=jax.jit(_embed), drop_prob=0.5)],
-    ids=["masked_image", "image_embed"])
-def test_a_conditioned_stage_trains_through_the_loop_and_its_loss_falls(tmp_path, condition):
+def test_a_conditioned_stage_trains_through_the_loop_and_its_loss_falls(tmp_path):
+  # (an image embedding: its encoder runs in the loop's prepare_batch; the masked image
+  # trains through the builders in the inpainting test below)
+  condition = conditioning.ImageEmbedding(dim=3, encoder=jax.jit(_embed), drop_prob=0.5)
   fields = conditioning.unet_requirements((condition,))
   model = unet_lib.UNet(_config(**fields))
   loop_lib.train(
@@ -158,3 +166,113 @@ def test_a_conditioned_stage_trains_through_the_loop_and_its_loss_falls(tmp_path
                                                         resolution=16),
       text_len=th.TEXT_LEN, text_dim=th.TEXT_DIM)
   assert step == 40 and "stem" in params
+
+
+def test_inpainting_stage_from_its_config_edits_and_is_refused_where_it_cannot_run(tmp_path):
+  """configs/inpaint_shapes.py:smoke through the builders (U-Net inputs and conditions
+  from config.conditioning), two steps; then edit.py inpaint --method=stage end to end,
+  and sample.py / the training-free methods refuse the stage."""
+  import subprocess
+  import sys
+
+  import builders
+  import conditioning_builders
+  import latent_builders
+  import sampling
+  from cli import UserError
+  from PIL import Image
+  from test_sample import ROOT, _tiny
+
+  from configs import inpaint_shapes
+
+  config = _tiny(inpaint_shapes.get_config("smoke"), 8)
+  model_cfg = latent_builders.stage_unet_config(config, builders.unet_config(config))
+  assert model_cfg.cond_image_channels == 4
+  steps = conditioning_builders.for_training(config, builders.step_settings(config), model_cfg)
+  assert steps.diffusion.conditions == (conditioning.MaskedImage(),)
+  workdir = tmp_path / "inpaint"
+  loop_lib.train(
+      workdir, model=unet_lib.UNet(model_cfg), loop=builders.loop_settings(config),
+      step_settings=steps, optimizer=builders.optimizer_settings(config),
+      data_factory=lambda: th.ShapesIterator(4, 8), text_encoder=builders.text_encoder(config),
+      config_json=config.to_dict(), log=lambda s: None)
+  with pytest.raises(UserError, match="edit.py inpaint --method=stage"):
+    sampling.prepare_cascade(workdirs=[str(workdir)])
+  Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "in.png")
+  mask = np.zeros((8, 8), np.uint8)
+  mask[:, 4:] = 255
+  Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+  args = [sys.executable, str(ROOT / "experiments" / "edit.py"), "inpaint",
+          f"--workdir={workdir}", "--prompt=a red dot", f"--image={tmp_path / 'in.png'}",
+          f"--mask={tmp_path / 'mask.png'}", "--steps=3", "--num_images=2"]
+  r = subprocess.run(args + ["--method=stage", f"--outdir={tmp_path / 'out'}"],
+                     capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (tmp_path / "out" / "inpaint.png").is_file()
+  from probe_helpers import tiny_probe
+
+  r = subprocess.run(args[:2] + ["inpaint-eval", f"--workdir={workdir}", "--method=stage",
+                                 "--num_cases=3", "--steps=3", f"--probe_path={tiny_probe()[1]}",
+                                 f"--outdir={tmp_path / 'eval'}"],
+                     capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  record = json.loads((tmp_path / "eval" / "inpaint_eval.json").read_text())
+  assert record["num_cases"] == 3 and record["replaced"]["n"] == 3
+  import edit  # the training-free methods need a text-to-image stage
+
+  stage = sampling.load_cascade([str(workdir)])[0].stages[0]
+  with pytest.raises(UserError, match="conditioned on masked_image"):
+    edit._check_stage("inpaint", type("F", (), {"method": "repaint", "workdir": "w"}), stage)
+
+
+def test_the_cascade_samples_a_micro_conditioned_stage_uncropped_and_refuses_other_inputs():
+  cfg = _config(micro_cond_dim=4)
+  model, params = _init(cfg)
+  spec = cascade.StageSpec(resolution=16, num_steps=2, guidance_scale=2.0)
+  stage = cascade.Stage(model, params["params"], spec,
+                        conditioning=(conditioning.MicroConditioning().to_json(),))
+  np.testing.assert_array_equal(stage.sampling_inputs(2)["micro_cond"], [[16, 16, 0, 0]] * 2)
+  text = th.HashText()
+  out = cascade.Cascade([stage], text).sample(["a red circle", "a star"], jax.random.key(0))[0]
+  emb, mask = text.encode(["a red circle", "a star"])
+  null_emb, null_mask = text.encode([""])
+  null = {"text_emb": jnp.asarray(null_emb[0]), "text_mask": jnp.asarray(null_mask[0])}
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), i))(
+      jnp.arange(2, dtype=jnp.uint32))
+  want = cascade.sample_stage(
+      model, params["params"], jnp.asarray(emb), jnp.asarray(mask), null, keys, spec.grid(),
+      image_shape=(16, 16, 3), parameterization="v", guidance_scale=2.0,
+      extra_cond={"micro_cond": conditioning.uncropped(2, 16)})
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  masked = dataclasses.replace(stage, conditioning=(conditioning.MaskedImage().to_json(),))
+  with pytest.raises(ValueError, match="conditioned on masked_image"):
+    masked.sampling_inputs(2)
+
+
+def test_config_switches_build_the_conditions_and_bad_values_get_one_line():
+  import builders
+  import conditioning_builders
+
+  from configs import demo_base
+
+  config = demo_base.get_config("smoke")
+  assert conditioning_builders.conditions(config) == ()
+  config.conditioning.micro = True
+  with pytest.raises(builders.ConfigError, match="crop='random_rescale'"):
+    conditioning_builders.conditions(config)
+  config.data.crop = "random_rescale"
+  config.conditioning.kind = "masked_image"
+  config.conditioning.drop_prob = 0.2
+  assert conditioning_builders.conditions(config) == (
+      conditioning.MaskedImage(drop_prob=0.2), conditioning.MicroConditioning())
+  cfg = conditioning_builders.stage_unet_config(config, builders.unet_config(config))
+  assert (cfg.cond_image_channels, cfg.micro_cond_dim, cfg.image_embed_dim) == (4, 4, None)
+  config.conditioning.kind = "image_embed"
+  with pytest.raises(builders.ConfigError, match="embed_dim"):
+    conditioning_builders.conditions(config)
+  config.conditioning.kind = "depth"
+  with pytest.raises(builders.ConfigError, match="conditioning.kind='depth'"):
+    conditioning_builders.conditions(config)
+  config.conditioning.kind, config.conditioning.drop_prob = "input_image", 2.0
+  with pytest.raises(builders.ConfigError, match="drop_prob must lie in"):
+    conditioning_builders.conditions(config)

@@ -36,7 +36,10 @@ from PIL import Image
 
 from diffusion_jax.data import real_tfds, shapes_tfds  # imported to register their builders
 
-CROPS = ("center", "random")
+# random_rescale: SDXL's training crops (Podell et al. 2023, section 2.2): the shorter side
+# rescaled to resolution * U[1, max_rescale], then a random crop; the batch gets
+# "micro_cond" = (height, width, top, left) of that crop in pixels.
+CROPS = ("center", "random", "random_rescale")
 # PIL's bicubic resize widens its kernel when downsampling, so it is antialiased.
 _RESAMPLE = Image.Resampling.BICUBIC
 
@@ -141,6 +144,7 @@ class InputPipeline:
     "image":   float32 [B, resolution, resolution, 3] in [-1, 1]
     "lowres":  float32 [B, lowres_resolution, lowres_resolution, 3] in [-1, 1], if requested
     "caption": object [B] of python str (the caption feature, or caption_template with {label})
+    "micro_cond": float32 [B, 4] with crop="random_rescale" (see CROPS)
     plus the passthrough features (default: every numeric scalar feature, e.g. "label", and
     for the shapes dataset "attributes": [B] of JSON str, see the module docstring).
   """
@@ -149,6 +153,7 @@ class InputPipeline:
                split: str = "train", image_key: str = "image", caption_key: str | None = None,
                label_key: str | None = None, caption_template: str = "a photo of a {label}",
                resolution: int, lowres_resolution: int | None = None, crop: str = "center",
+               max_rescale: float = 1.5,
                global_batch_size: int, seed: int = 0, shuffle: bool = True,
                num_epochs: int | None = None, drop_remainder: bool = True,
                process_index: int | None = None, process_count: int | None = None,
@@ -165,6 +170,8 @@ class InputPipeline:
                        f"process_count {process_count} (each process reads an equal share).")
     if crop not in CROPS:
       raise ValueError(f"crop must be one of {CROPS}, got {crop!r}.")
+    if not max_rescale >= 1.0:
+      raise ValueError(f"max_rescale must be >= 1, got {max_rescale}.")
     if resolution <= 0 or (lowres_resolution is not None
                            and not 0 < lowres_resolution <= resolution):
       raise ValueError(f"need resolution > 0 and 0 < lowres_resolution <= resolution, got "
@@ -197,6 +204,7 @@ class InputPipeline:
     self._image_key, self._caption_key, self._label_key = image_key, caption_key, label_key
     self._caption_template = caption_template
     self._resolution, self._lowres_resolution, self._crop = resolution, lowres_resolution, crop
+    self._max_rescale = max_rescale
     self._passthrough_dtypes = {k: np.dtype(features[k].np_dtype) for k in passthrough_keys}
     self.batch_size = global_batch_size // process_count
     self.num_examples = len(range(process_index, len(source), process_count))
@@ -206,6 +214,8 @@ class InputPipeline:
         "global_batch_size": global_batch_size, "process_index": process_index,
         "process_count": process_count, "num_epochs": num_epochs, "resolution": resolution,
         "lowres_resolution": lowres_resolution, "crop": crop}
+    if crop == "random_rescale":
+      self._fingerprint["max_rescale"] = max_rescale
 
     dataset = grain.MapDataset.source(source)[process_index::process_count]
     if shuffle:
@@ -240,12 +250,18 @@ class InputPipeline:
       image = resize_shorter_side(image, size)
       top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
     else:
-      if min(image.shape[:2]) < size:
+      if self._crop == "random_rescale":
+        image = resize_shorter_side(
+            image, int(round(size * rng.uniform(1.0, self._max_rescale))))
+      elif min(image.shape[:2]) < size:
         image = resize_shorter_side(image, size)
       top = int(rng.integers(image.shape[0] - size + 1))
       left = int(rng.integers(image.shape[1] - size + 1))
+    micro = np.asarray([image.shape[0], image.shape[1], top, left], np.float32)
     image = image[top:top + size, left:left + size]
     out = {"image": to_unit_range(image)}
+    if self._crop == "random_rescale":
+      out["micro_cond"] = micro
     if self._lowres_resolution is not None:
       out["lowres"] = to_unit_range(downsample(image, self._lowres_resolution))
     if self._caption_key is not None:
