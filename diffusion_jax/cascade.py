@@ -325,18 +325,22 @@ class Stage:
   kind: Any = stage_kinds.PIXEL
   conditioning: tuple = ()
 
-  def sampling_inputs(self, batch: int) -> dict:
-    """The U-Net keywords the cascade gives this stage's conditions by default."""
+  def sampling_inputs(self, batch: int, given: dict | None = None) -> dict:
+    """The U-Net keywords the cascade gives this stage's conditions by default, with the
+    inputs ``given`` by the caller (e.g. unclip.py's ``image_embed``) in their place."""
     from diffusion_jax import conditioning as conditioning_lib
 
+    given = dict(given or {})
     out = {}
     for described in self.conditioning:
+      if conditioning_lib.from_json(described).input_name in given:
+        continue
       default = conditioning_lib.sampling_default(described, batch, self.spec.resolution)
       if default is None:
         raise ValueError(f"this stage is conditioned on {described['kind']}, which "
                          "text-to-image sampling cannot give it.")
       out.update(default)
-    return out
+    return {**out, **given}
 
   @property
   def super_resolution(self) -> bool:
@@ -402,7 +406,9 @@ class Cascade:
           extra.update(lowres=schedules.q_sample(lowres, noise, logsnr),
                        lowres_logsnr=logsnr)
         if stage.conditioning:
-          extra["extra_cond"] = stage.sampling_inputs(text_emb.shape[0])
+          extra["extra_cond"] = stage.sampling_inputs(text_emb.shape[0], extra_cond)
+          if null_extra is not None:  # the defaults (micro-conditioning) condition both halves
+            extra["null_extra"] = {**extra["extra_cond"], **null_extra}
         return sample_stage(
             stage.model, params, text_emb, text_mask, null_cond, keys, grid,
             image_shape=image_shape, parameterization=spec.parameterization,

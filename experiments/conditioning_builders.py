@@ -86,7 +86,8 @@ def clip_embed_dim(clip_dir) -> int:
     raise ConfigError("config.conditioning.kind='image_embed' needs "
                       "config.conditioning.clip_dir: the frozen CLIP whose image embeddings "
                       "condition the stage (experiments/train_clip.py's workdir, or a Hugging "
-                      "Face CLIPModel directory).")
+                      "Face CLIPModel directory; config.conditioning.embed_dim, its "
+                      "projection width, is read from it when unset).")
   try:
     path = unclip.clip_directory(clip_dir) / "config.json"
     if not path.is_file():
@@ -106,6 +107,8 @@ def image_embed_encoder(config: ml_collections.ConfigDict, mesh=None):
 
   c = _section(config)
   dim = conditions(config)[0].dim  # checks clip_dir and embed_dim without loading weights
+  if not c.clip_dir:  # (embed_dim given, so conditions() did not need it)
+    clip_embed_dim(c.clip_dir)  # raises its one-line ConfigError
   try:
     clip, directory = unclip.load_clip(c.clip_dir)
   except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:

@@ -134,11 +134,12 @@ def test_bad_input_is_one_error_line(decoder_workdir, tmp_path):
                                 f"--image={tmp_path / 'in.png'}", f"--outdir={tmp_path}/o"))
   assert "--clip_dir" in line and "model_type 't5', not 'clip'" in line
   assert not (tmp_path / "o").exists()
-  plain = tmp_path / "plain"
+  plain = tmp_path / "plain"  # a text-to-image stage's workdir (its config is enough)
   plain.mkdir()
   (plain / "config.json").write_text(json.dumps(demo_base.get_config("smoke").to_dict()))
-  with pytest.raises(builders.UserError, match="not trained with a CLIP image embedding"):
-    unclip_builders.decoder_config(str(plain))
+  line = one_error_line(_unclip("variations", f"--workdirs={plain}",
+                                f"--image={tmp_path / 'in.png'}", f"--outdir={tmp_path}/o"))
+  assert "not trained with a CLIP image embedding" in line and "'none'" in line
 
 
 def test_a_prior_of_another_clip_is_refused(clip_workdir, tmp_path):
