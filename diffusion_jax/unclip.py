@@ -172,24 +172,44 @@ def sample_prior(prior: prior_lib.DiffusionPrior, params: Any, cond: dict, null:
 
 class PriorSampler:
   """A trained prior with its CLIP: ``__call__(prompts, key, first_index)`` -> unit-norm
-  image embeddings [B, E]; row b draws its noise from image_keys(key)[first_index + b]."""
+  image embeddings [B, E]; row b draws its noise from image_keys(key)[first_index + b].
+
+  ``num_candidates`` > 1: DALL-E 2's sampling trick (sec. 2.1): draw that many embeddings
+  per caption (candidate c from fold_in(row key, c)) and keep the one of highest dot
+  product with the caption's CLIP text embedding."""
 
   def __init__(self, spec: PriorSpec, params: Any, clip: clip_lib.CLIP, *,
-               num_steps: int = 25, guidance_scale: float = 3.0, sampler: str = "ddim"):
+               num_steps: int = 25, guidance_scale: float = 3.0, sampler: str = "ddim",
+               num_candidates: int = 1):
     if clip.config.projection_dim != spec.config.embed_dim:
       raise ValueError(f"the prior samples {spec.config.embed_dim}-d embeddings, but the "
                        f"CLIP's projection is {clip.config.projection_dim}-d: pass the CLIP "
                        "the prior was trained with.")
+    if num_candidates < 1:
+      raise ValueError(f"num_candidates must be >= 1, got {num_candidates}.")
     samplers.get(sampler)
     self.spec, self.params, self.clip = spec, params, clip
     self.prior = prior_lib.DiffusionPrior(spec.config)
     self.null = prior_lib.null_condition(spec.config, spec.text_length)
     grid = grids.uniform_time(spec.noise_schedule(), num_steps)
     self.settings = {"num_steps": num_steps, "guidance_scale": guidance_scale,
-                     "sampler": sampler}
-    self._run = jax.jit(lambda params, cond, null, keys: sample_prior(
-        self.prior, params, cond, null, keys, grid, guidance_scale=guidance_scale,
-        sampler=sampler))
+                     "sampler": sampler, "num_candidates": num_candidates}
+
+    def run(params, cond, null, keys):
+      if num_candidates == 1:
+        return sample_prior(self.prior, params, cond, null, keys, grid,
+                            guidance_scale=guidance_scale, sampler=sampler)
+      b = keys.shape[0]
+      cand_keys = jax.vmap(lambda c: jax.vmap(lambda k: jax.random.fold_in(k, c))(keys))(
+          jnp.arange(num_candidates)).reshape(num_candidates * b)
+      tiled = jax.tree.map(lambda x: jnp.concatenate([x] * num_candidates), cond)
+      emb = sample_prior(self.prior, params, tiled, null, cand_keys, grid,
+                         guidance_scale=guidance_scale, sampler=sampler)
+      emb = emb.reshape(num_candidates, b, -1)
+      best = jnp.argmax(jnp.einsum("cbe,be->cb", emb, cond["text_emb"]), axis=0)
+      return jnp.take_along_axis(emb, best[None, :, None], axis=0)[0]
+
+    self._run = jax.jit(run)
 
   def condition(self, prompts) -> dict:
     return encode_captions(self.clip, prompts, self.spec.text_length)

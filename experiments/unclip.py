@@ -42,6 +42,8 @@ flags.DEFINE_string("prior", None, "sample / evaluate: a train_prior.py workdir.
 flags.DEFINE_integer("prior_checkpoint_step", None, "The prior's checkpoint (default latest).")
 flags.DEFINE_integer("prior_steps", 25, "DDIM steps of the prior.")
 flags.DEFINE_float("prior_guidance_scale", 3.0, "The prior's classifier-free guidance.")
+flags.DEFINE_integer("prior_candidates", 2, "Embeddings the prior draws per caption, the one "
+                     "closest to the caption's CLIP text embedding kept (DALL-E 2: 2).")
 flags.DEFINE_string("clip_dir", None, "The CLIP (default: the decoder's "
                     "config.conditioning.clip_dir).")
 flags.DEFINE_multi_string("prompts", [], "sample: prompts (repeatable).")
@@ -81,8 +83,9 @@ def check_flags(command: str, f) -> None:
       raise UserError("--images_per_prompt and --batch_size must be >= 1.")
     if f.num_inputs < 0 or f.variations_per_input < 1:
       raise UserError("--num_inputs must be >= 0 and --variations_per_input >= 1.")
-  if f.prior_steps < 1:
-    raise UserError(f"--prior_steps={f.prior_steps}; it must be >= 1.")
+  if f.prior_steps < 1 or f.prior_candidates < 1:
+    raise UserError(f"--prior_steps={f.prior_steps} and --prior_candidates="
+                    f"{f.prior_candidates} must be >= 1.")
 
 
 def _save_grid(images_lib, tiles, captions, path, columns):

@@ -103,7 +103,8 @@ def load_prior(f, embedder, clip):
   try:
     return prior_train.load_sampler(f.prior, clip, f.prior_checkpoint_step,
                                     num_steps=f.prior_steps,
-                                    guidance_scale=f.prior_guidance_scale)
+                                    guidance_scale=f.prior_guidance_scale,
+                                    num_candidates=f.prior_candidates)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(f"--prior={f.prior}: {e}") from None
 

@@ -15,6 +15,7 @@ import unclip_helpers
 from cli_helpers import one_error_line
 
 from diffusion_jax import unclip
+from diffusion_jax.diffusion import grids, samplers
 from diffusion_jax.training import prior_train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -81,6 +82,20 @@ def test_prior_trains_two_steps_and_samples_unit_embeddings(prior_workdir):
   alone = np.asarray(sampler(PROMPTS[2:3], key, first_index=2))
   np.testing.assert_allclose(alone[0], emb[2], atol=1e-5)
   assert not np.allclose(emb[0], emb[1])
+  # DALL-E 2's two candidates: candidate c of row b is the sample from fold_in(key_b, c);
+  # the one kept has the larger dot product with the caption's CLIP text embedding.
+  best = prior_train.load_sampler(prior_workdir, num_steps=4, guidance_scale=3.0,
+                                  num_candidates=2)
+  picked = np.asarray(best(PROMPTS, key))
+  keys = samplers.image_keys(key, len(PROMPTS))
+  cond = sampler.condition(PROMPTS)
+  grid = grids.uniform_time(sampler.spec.noise_schedule(), 4)
+  candidates = np.stack([np.asarray(unclip.sample_prior(
+      sampler.prior, sampler.params, cond, sampler.null,
+      jax.vmap(lambda k, c=c: jax.random.fold_in(k, c))(keys), grid, guidance_scale=3.0))
+      for c in range(2)])
+  choice = np.argmax(np.einsum("cbe,be->cb", candidates, cond["text_emb"]), axis=0)
+  np.testing.assert_allclose(picked, candidates[choice, np.arange(len(PROMPTS))], atol=1e-5)
 
 
 def test_bad_clip_is_one_error_line(tmp_path):
