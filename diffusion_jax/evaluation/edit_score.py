@@ -10,10 +10,11 @@ instruction, the probe's reading says
   the edited scene has;
 - ``both``: the two together (a correct edit).
 
-Each detection matches at most one object (the ``unchanged`` check's first). Rates carry Wilson 95% intervals
-(``shapes_eval.cell``). Returning the input unchanged scores ``edit_made`` 0 for every
-edit and ``unchanged`` 1; the exact edited image scores 1 on both, up to the probe's
-reading errors (``reference_rows`` measures both baselines beside a model's score).
+Each detection matches at most one object (the ``unchanged`` check's first). Rates carry
+Wilson 95% intervals (``shapes_eval.cell``). Returning the input unchanged scores
+``edit_made`` 0 for every edit and ``unchanged`` 1; the exact edited image scores 1 on
+both, up to the probe's reading errors (``reference_rows`` measures both baselines beside
+a model's score).
 """
 
 from __future__ import annotations
