@@ -15,7 +15,8 @@ learns to generate); ``input_image`` uint8 [R, R, 3]: the scene before it (the c
 
 Splits: ``train`` is pair indices [0, num_train) of the seed's stream, ``validation`` the
 indices from ``edit_pairs.HELD_OUT_START`` on (every pair its own RNG stream, so the two
-never share a draw); ``edit_pairs.held_out_pair(seed, i, R)`` is validation example i.
+never share a draw): ``edit_pairs.held_out_pair(seed, i, R)`` for i < num_eval, stored (as
+every split) in TFDS's own order.
 """
 
 from __future__ import annotations
