@@ -223,6 +223,10 @@ def text_encoder(config: ml_collections.ConfigDict, mesh=None):
 def dataset_name(config: ml_collections.ConfigDict) -> str:
   """The TFDS name to read; for the built-in shapes dataset, prepared first if missing."""
   d = config.data
+  import instruct_builders  # the edit pairs an InstructPix2Pix stage trains on
+
+  if d.dataset == instruct_builders.DATASET:
+    return instruct_builders.dataset_name(config)
   if d.dataset != "shapes":
     return real_dataset_name(config) if _is_real_dataset(d.dataset) else d.dataset
   from diffusion_jax.data import multihost, shapes_tfds
