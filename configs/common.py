@@ -146,6 +146,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.autoencoder.kl_weight = 1e-6        # KL summed over latents / pixel values (LDM's ratio)
   c.autoencoder.scale_batches = 8       # batches the latent scale factor / PSNR are taken on
 
+  # Conditions besides the text (diffusion_jax/conditioning.py): "none"; "input_image"
+  # (InstructPix2Pix: the dataset's input_image concatenated with x_t, dropped with
+  # drop_prob independently of the text); "masked_image" (SD inpainting: a random
+  # rectangle mask per example, the masked image + mask concatenated; mask_* fields);
+  # "image_embed" (DALL-E 2's decoder: the CLIP image embedding of each training image from
+  # the frozen CLIP in clip_dir, embed_dim wide). drop_prob None: the kind's default
+  # (0.05, 0.0, 0.1).
+  c.conditioning = ml_collections.ConfigDict()
+  c.conditioning.kind = "none"
+  c.conditioning.drop_prob = config_dict.placeholder(float)
+  c.conditioning.mask_min_fraction = 0.2
+  c.conditioning.mask_max_fraction = 0.8
+  c.conditioning.mask_full_prob = 0.1
+  c.conditioning.embed_dim = config_dict.placeholder(int)
+  c.conditioning.clip_dir = config_dict.placeholder(str)
+
   # Multi-host (GPU clusters; TPU VMs detect everything themselves).
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = config_dict.placeholder(str)

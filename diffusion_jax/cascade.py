@@ -39,11 +39,13 @@ from diffusion_jax.models import unet as unet_lib
 
 def stage_model_fn(model: nn.Module, params: Any, preconditioning=None):
   """(x_t, logsnr, cond) -> prediction for a U-Net; cond has text_emb, text_mask and
-  optionally lowres, lowres_logsnr. ``preconditioning`` (an ``EDMPreconditioning``, as the
-  stage trained with) wraps the U-Net; the prediction is then the denoised image."""
+  optionally lowres, lowres_logsnr, cond_image, image_embed. ``preconditioning`` (an
+  ``EDMPreconditioning``, as the stage trained with) wraps the U-Net; the prediction is
+  then the denoised image."""
   def cond_model_fn(x_t, logsnr, cond):
     return model.apply({"params": params}, x_t, logsnr, cond["text_emb"], cond["text_mask"],
-                       lowres=cond.get("lowres"), lowres_logsnr=cond.get("lowres_logsnr"))
+                       lowres=cond.get("lowres"), lowres_logsnr=cond.get("lowres_logsnr"),
+                       cond_image=cond.get("cond_image"), image_embed=cond.get("image_embed"))
   return cond_model_fn if preconditioning is None else preconditioning.wrap(cond_model_fn)
 
 
@@ -55,7 +57,8 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
                  threshold: str = "dynamic", percentile: float = 0.995,
                  lowres: jnp.ndarray | None = None, lowres_logsnr: jnp.ndarray | None = None,
                  sampler_options: dict | None = None, guide=None,
-                 preconditioning=None) -> jnp.ndarray:
+                 preconditioning=None, extra_cond: dict | None = None,
+                 null_extra: dict | None = None) -> jnp.ndarray:
   """Samples images [B, H, W, C] for text embeddings [B, L, D] (jit-able).
 
   ``null_cond``: {"text_emb": [L, D], "text_mask": [L]} (the encoded empty prompt).
@@ -66,12 +69,14 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
   ``guide``: optional ``model_fn -> model_fn`` applied after classifier-free guidance and
   before thresholding (e.g. ``diffusion.clip_guidance.clip_guided``).
   ``preconditioning``: the stage's EDM wrapper, or None (``stage_model_fn``).
+  ``extra_cond`` / ``null_extra``: the stage's other conditions (``guided_model_fn``).
   """
   model_fn = guided_model_fn(model, params, text_emb, text_mask, null_cond,
                              parameterization=parameterization, guidance_scale=guidance_scale,
                              threshold=threshold, percentile=percentile, lowres=lowres,
                              lowres_logsnr=lowres_logsnr, guide=guide,
-                             preconditioning=preconditioning)
+                             preconditioning=preconditioning, extra_cond=extra_cond,
+                             null_extra=null_extra)
   x_T = samplers.initial_noise(key, (text_emb.shape[0], *image_shape))
   return samplers.sample(sampler, model_fn, x_T, grid, key,
                          parameterization=parameterization, **(sampler_options or {}))
@@ -80,15 +85,25 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
 def guided_model_fn(model: nn.Module, params: Any, text_emb, text_mask, null_cond: dict, *,
                     parameterization: str, guidance_scale: float | Callable = 1.0,
                     threshold: str = "dynamic", percentile: float = 0.995, lowres=None,
-                    lowres_logsnr=None, guide=None, preconditioning=None):
+                    lowres_logsnr=None, guide=None, preconditioning=None, extra_cond=None,
+                    null_extra=None):
   """The sampler's ``model_fn(x_t, logsnr)`` of a stage: the U-Net on its conditions,
   classifier-free guided (a constant weight 1: the conditional model alone), then ``guide``,
-  then thresholded (``sample_stage``'s arguments)."""
+  then thresholded (``sample_stage``'s arguments).
+
+  ``extra_cond``: the stage's other conditions as U-Net keywords (``cond_image``
+  [B, H, W, C'], ``image_embed`` [B, D]); the unconditional half gets ``null_extra``
+  (leaves broadcastable to ``extra_cond``'s), by default ``extra_cond`` itself: then they
+  condition both halves, as the low-res image does (an inpainting stage's masked image);
+  zeros there guide on them too (DALL-E 2's decoder guides on the CLIP embedding)."""
   cond = {"text_emb": text_emb, "text_mask": text_mask}
   null = dict(null_cond)
   if lowres is not None:
     cond.update(lowres=lowres, lowres_logsnr=lowres_logsnr)
     null.update(lowres=lowres, lowres_logsnr=lowres_logsnr)
+  if extra_cond:
+    cond.update(extra_cond)
+    null.update(extra_cond if null_extra is None else null_extra)
   cond_model_fn = stage_model_fn(model, params, preconditioning)
   if not callable(guidance_scale) and guidance_scale == 1.0:
     def model_fn(x_t, logsnr):

@@ -347,7 +347,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_evaluator
                                           dist.process_id)
   except ValueError as e:
     raise ConfigError(f"config.distributed: {e}.") from None
+  import conditioning_builders
+
   model_cfg = unet_config(config)
+  conditioning_builders.conditions(config)  # config errors now, before the lock
   steps, optimizer, loop = step_settings(config), optimizer_settings(config), \
       loop_settings(config)
   try:
@@ -388,6 +391,9 @@ def _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop, make_e
   import latent_builders  # the stage kind: pixels, or a frozen autoencoder's latents
   kind, model_cfg, loop = latent_builders.for_training(config, model_cfg, loop, mesh,
                                                        loop.rules)
+  import conditioning_builders  # input images, masks, image embeddings
+
+  steps = conditioning_builders.for_training(config, steps, model_cfg, mesh)
   trainable = bool(config.text.trainable)
   encoder = text_encoder(config, mesh if trainable else process_local_mesh(config))
   dataset = dataset_name(config)  # once: for shapes, a prepare round-trip between processes

@@ -113,11 +113,14 @@ def _autoencoder_config_of(directory: str) -> ae.AutoencoderConfig:
 
 def stage_unet_config(config: ml_collections.ConfigDict, unet_cfg):
   """``unet_cfg`` as this stage's kind needs it: unchanged for pixel stages, the latent's
-  channels and size for latent stages (checked to chain; no weights read)."""
+  channels and size for latent stages (checked to chain; no weights read); then with the
+  inputs of its conditions (conditioning_builders)."""
+  import conditioning_builders
+
   directory = _directory(config)
-  if not directory:
-    return unet_cfg
-  return latent_unet_config(config, unet_cfg, _autoencoder_config_of(directory))
+  if directory:
+    unet_cfg = latent_unet_config(config, unet_cfg, _autoencoder_config_of(directory))
+  return conditioning_builders.stage_unet_config(config, unet_cfg, latent=bool(directory))
 
 
 def spec_defaults(config: ml_collections.ConfigDict) -> dict:

@@ -13,6 +13,7 @@ GFLOP for demo_base:smoke and demo_sr:smoke).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -31,6 +32,7 @@ def step_gflop(config: ml_collections.ConfigDict) -> float:
 
 
 def _count(config) -> float:
+  import conditioning_builders
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -66,9 +68,18 @@ def _count(config) -> float:
            "text_emb": spec((b, text_len, text_dim)), "text_mask": spec((b, text_len), bool)}
   if loop.lowres_resolution is not None:
     batch["lowres"] = spec((b, loop.lowres_resolution, loop.lowres_resolution, c))
+  # The conditions' arrays (an image embedding's encoder runs before the step: not counted).
+  conds = conditioning_builders.conditions(config, c)
+  for condition in conds:
+    if condition.batch_key is not None:
+      shape = ((b, loop.resolution, loop.resolution, condition.width)
+               if condition.batch_ndim == 4 else (b, condition.width))
+      batch[condition.batch_key] = spec(shape)
   null = {k: spec(v.shape, v.dtype) for k, v in null.items()}
   state = jax.tree.map(lambda x: spec(x.shape, x.dtype), nn.unbox(abstract))
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                   settings=builders.step_settings(config)))
+  settings = builders.step_settings(config)
+  settings = dataclasses.replace(
+      settings, diffusion=dataclasses.replace(settings.diffusion, conditions=conds))
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx, settings=settings))
   with sharding.sharding_context(mesh, loop.rules):
     return flops.model_gflop(step, state, batch, null)

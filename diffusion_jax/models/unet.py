@@ -61,6 +61,9 @@ class UNetConfig:
     text_pooling: 'mean' or 'attention' (mask-aware either way).
     dropout: dropout rate inside residual blocks (only with ``train=True``).
     super_resolution: expect ``lowres`` and ``lowres_logsnr``.
+    cond_image_channels: channels of ``cond_image`` (0: no such input).
+    image_embed_dim: width of ``image_embed`` (None: no such input); it becomes
+      ``image_embed_tokens`` context tokens besides its pooled projection.
     remat: rematerialise every block in the backward pass (``nn.remat``): activation
       memory of one block instead of all, for about one more forward pass of compute.
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
@@ -83,6 +86,9 @@ class UNetConfig:
   text_pooling: str = "mean"
   dropout: float = 0.0
   super_resolution: bool = False
+  cond_image_channels: int = 0
+  image_embed_dim: int | None = None
+  image_embed_tokens: int = 4
   remat: bool = False
   dtype: str = "float32"
   conv_impl: str = "xla"
@@ -126,7 +132,8 @@ class ResAttentionBlock(nn.Module):
     return h
 
 
-def _check_inputs(config: UNetConfig, x_t, logsnr, text_emb, text_mask, lowres, lowres_logsnr):
+def _check_inputs(config: UNetConfig, x_t, logsnr, text_emb, text_mask, lowres, lowres_logsnr,
+                  cond_image, image_embed):
   """Raises one readable ValueError for inputs the network cannot take."""
   if x_t.ndim != 4:
     raise ValueError(f"x_t must be NHWC [B, H, W, C], got shape {x_t.shape}")
@@ -150,27 +157,45 @@ def _check_inputs(config: UNetConfig, x_t, logsnr, text_emb, text_mask, lowres, 
       raise ValueError(f"lowres_logsnr must have shape ({batch},), got {lowres_logsnr.shape}")
   elif lowres is not None:
     raise ValueError("lowres given to a U-Net built without super_resolution=True")
+  if config.cond_image_channels:
+    want = (batch, height, width, config.cond_image_channels)
+    if cond_image is None or cond_image.shape != want:
+      got = None if cond_image is None else cond_image.shape
+      raise ValueError(f"this U-Net takes cond_image of shape {want}, got {got}")
+  elif cond_image is not None:
+    raise ValueError("cond_image given to a U-Net built with cond_image_channels=0")
+  if config.image_embed_dim is not None:
+    want = (batch, config.image_embed_dim)
+    if image_embed is None or image_embed.shape != want:
+      got = None if image_embed is None else image_embed.shape
+      raise ValueError(f"this U-Net takes image_embed of shape {want}, got {got}")
+  elif image_embed is not None:
+    raise ValueError("image_embed given to a U-Net built without image_embed_dim")
 
 
 class UNet(nn.Module):
   """Imagen's Efficient U-Net; see the module docstring.
 
   Call: ``UNet(config).apply(variables, x_t, logsnr, text_emb, text_mask, lowres=None,
-  lowres_logsnr=None, train=False, rngs={'dropout': key})`` with
+  lowres_logsnr=None, cond_image=None, image_embed=None, train=False,
+  rngs={'dropout': key})`` with
     x_t [B, H, W, C] in about [-1, 1], logsnr [B], text_emb [B, L, D], text_mask [B, L]
-    bool, lowres [B, h, w, C] and lowres_logsnr [B] for super-resolution stages;
+    bool, lowres [B, h, w, C] and lowres_logsnr [B] for super-resolution stages,
+    cond_image [B, H, W, cond_image_channels] and image_embed [B, image_embed_dim] when
+    the config has them;
   returns the prediction [B, H, W, out_channels] in x_t's dtype.
   """
 
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, x_t, logsnr, text_emb, text_mask, lowres=None, lowres_logsnr=None, *,
-               train: bool = False):
+  def __call__(self, x_t, logsnr, text_emb, text_mask, lowres=None, lowres_logsnr=None,
+               cond_image=None, image_embed=None, *, train: bool = False):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     logsnr = jnp.asarray(logsnr)
-    _check_inputs(cfg, x_t, logsnr, text_emb, text_mask, lowres, lowres_logsnr)
+    _check_inputs(cfg, x_t, logsnr, text_emb, text_mask, lowres, lowres_logsnr, cond_image,
+                  image_embed)
     text_mask = text_mask.astype(bool)
     emb_dim = cfg.embedding_dim
 
@@ -184,6 +209,19 @@ class UNet(nn.Module):
     cond = layers.NoiseLevelEmbedding(cfg.base_channels, emb_dim, dtype, name="noise_emb")(logsnr)
     cond = cond + layers.TextPooling(emb_dim, cfg.text_pooling, cfg.num_heads, dtype,
                                      name="text_pool")(context, text_mask)
+    if cfg.image_embed_dim is not None:
+      # DALL-E 2's decoder: the embedding is added to the timestep embedding and becomes
+      # extra tokens of the cross-attention context (pooled over the text only).
+      embed = image_embed.astype(dtype)
+      cond = cond + layers.dense(emb_dim, "embed", "embed", dtype,
+                                 name="image_embed_proj")(embed)
+      tokens = layers.dense(emb_dim * cfg.image_embed_tokens, "embed", "mlp", dtype,
+                            name="image_embed_tokens")(embed)
+      tokens = tokens.reshape(tokens.shape[0], cfg.image_embed_tokens, emb_dim)
+      context = jnp.concatenate([context, tokens.astype(context.dtype)], axis=1)
+      context = nn.with_logical_constraint(context, layers.TOKEN_AXES)
+      text_mask = jnp.concatenate(
+          [text_mask, jnp.ones((text_mask.shape[0], cfg.image_embed_tokens), bool)], axis=1)
     h = x_t
     if cfg.super_resolution:
       # Antialiased bilinear resize: upsampling is plain bilinear, a smaller target
@@ -193,6 +231,8 @@ class UNet(nn.Module):
       h = jnp.concatenate([x_t.astype(jnp.float32), upsampled], axis=-1)
       cond = cond + layers.NoiseLevelEmbedding(cfg.base_channels, emb_dim, dtype,
                                                name="lowres_noise_emb")(lowres_logsnr)
+    if cfg.cond_image_channels:
+      h = jnp.concatenate([h.astype(jnp.float32), cond_image.astype(jnp.float32)], axis=-1)
 
     block_cls = nn.remat(ResAttentionBlock, static_argnums=(5,)) if cfg.remat else (
         ResAttentionBlock)
@@ -243,6 +283,10 @@ def example_inputs(config: UNetConfig, batch: int = 1, resolution: int | None = 
     low = config.lowres_resolution or res // 4
     args["lowres"] = jnp.zeros((batch, low, low, config.in_channels), jnp.float32)
     args["lowres_logsnr"] = jnp.zeros((batch,), jnp.float32)
+  if config.cond_image_channels:
+    args["cond_image"] = jnp.zeros((batch, res, res, config.cond_image_channels), jnp.float32)
+  if config.image_embed_dim is not None:
+    args["image_embed"] = jnp.zeros((batch, config.image_embed_dim), jnp.float32)
   return args
 
 

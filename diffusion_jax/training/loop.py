@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffusion_jax import sharding, stage_kinds
+from diffusion_jax import conditioning, sharding, stage_kinds
 from diffusion_jax.training import checkpoint as ckpt_lib
 from diffusion_jax.training import metrics as metrics_lib
 from diffusion_jax.training import preview as preview_lib
@@ -185,6 +185,10 @@ def init_inputs(model_cfg, resolution: int, lowres_resolution: int | None,
   if lowres_resolution is not None:
     inputs.update(lowres=jnp.zeros((1, lowres_resolution, lowres_resolution, channels)),
                   lowres_logsnr=jnp.zeros((1,)))
+  if getattr(model_cfg, "cond_image_channels", 0):
+    inputs["cond_image"] = jnp.zeros((1, resolution, resolution, model_cfg.cond_image_channels))
+  if getattr(model_cfg, "image_embed_dim", None) is not None:
+    inputs["image_embed"] = jnp.zeros((1, model_cfg.image_embed_dim))
   return inputs
 
 
@@ -292,9 +296,10 @@ def encode_null(text_encoder: TextEncoderLike) -> dict:
   return {"text_emb": jnp.asarray(emb[0]), "text_mask": jnp.asarray(mask[0])}
 
 
-def _model_batch(batch: dict, text_encoder: TextEncoderLike) -> dict:
+def _model_batch(batch: dict, text_encoder: TextEncoderLike, condition_keys=()) -> dict:
   """Host batch (images, captions) -> the arrays the train step takes (this process's
-  rows: each process encodes or tokenizes its own captions)."""
+  rows: each process encodes or tokenizes its own captions). ``condition_keys``: arrays
+  of the stage's conditions copied through when the host batch has them."""
   captions = [str(c) for c in batch["caption"]]
   out = {"image": np.asarray(batch["image"], np.float32)}
   if _trainable(text_encoder):
@@ -306,15 +311,30 @@ def _model_batch(batch: dict, text_encoder: TextEncoderLike) -> dict:
   out["text_mask"] = np.asarray(mask, bool)
   if "lowres" in batch:
     out["lowres"] = np.asarray(batch["lowres"], np.float32)
+  for key in condition_keys:
+    if key in batch:
+      out[key] = np.asarray(batch[key], np.float32)
   return out
 
 
-def _batch_shardings(mesh, rules, trainable_text: bool, super_resolution: bool) -> dict:
-  """NamedShardings of the global batch ``_model_batch`` builds, split along the batch."""
+def _prepare_conditions(conditions, batch: dict, batch_shardings: dict) -> dict:
+  """The conditions' ``prepare_batch`` (e.g. an image embedding from a frozen encoder),
+  each array then placed as the step's in_shardings expect (no-op when it already is)."""
+  for condition in conditions:
+    batch = condition.prepare_batch(batch)
+  return {k: jax.device_put(v, batch_shardings[k]) if k in batch_shardings else v
+          for k, v in batch.items()}
+
+
+def _batch_shardings(mesh, rules, trainable_text: bool, super_resolution: bool,
+                     condition_ndims: dict | None = None) -> dict:
+  """NamedShardings of the global batch the step takes (``_model_batch``'s arrays and the
+  conditions' ``prepare_batch`` outputs), split along the batch."""
   ndims = {"image": 4, "text_mask": 2}
   ndims.update({"text_tokens": 2} if trainable_text else {"text_emb": 3})
   if super_resolution:
     ndims["lowres"] = 4
+  ndims.update(condition_ndims or {})
   return {name: sharding.batch_sharding(mesh, rules, n) for name, n in ndims.items()}
 
 
@@ -427,8 +447,10 @@ def _train(workdir: epath.Path, *, model, loop: LoopSettings, step_settings, opt
     (workdir / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   null_cond = jax.device_put(null_cond, replicated)
+  conditions = step_settings.diffusion.conditions
+  condition_ndims = conditioning.batch_ndims(conditions)
   batch_shardings = _batch_shardings(mesh, loop.rules, trainable_text,
-                                     loop.lowres_resolution is not None)
+                                     loop.lowres_resolution is not None, condition_ndims)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, settings=step_settings,
                         learning_rate_fn=state_lib.learning_rate_schedule(optimizer),
@@ -448,7 +470,9 @@ def _train(workdir: epath.Path, *, model, loop: LoopSettings, step_settings, opt
     try:
       while step < loop.num_steps:
         batch = stage_kind.encode_batch(sharding.host_local_to_global(
-            _model_batch(next(data), text_encoder), mesh, loop.rules))
+            _model_batch(next(data), text_encoder, condition_ndims), mesh, loop.rules))
+        if conditions:
+          batch = _prepare_conditions(conditions, batch, batch_shardings)
         state, metrics = step_fn(state, batch, null_cond)
         accumulator.add(metrics)
         step += 1

@@ -21,7 +21,10 @@ def make_preview(model, step_settings: StepSettings, loop, text_encoder, null_co
   """A jitted EMA sampler for the preview prompts (base stages) of ``loop`` (a
   loop.LoopSettings), or None. A trainable text encoder encodes them with its EMA params,
   as sampling the checkpoint will; ``stage_kind`` decodes the samples (latent stages)."""
-  if not loop.preview_every or not loop.preview_prompts or loop.lowres_resolution:
+  # Stages conditioned on more than text (low-res images, input images, embeddings) have
+  # nothing to condition a preview on.
+  if (not loop.preview_every or not loop.preview_prompts or loop.lowres_resolution
+      or step_settings.diffusion.conditions):
     return None
   diffusion = step_settings.diffusion
   prompts = list(loop.preview_prompts)

@@ -12,7 +12,8 @@ Batch (global arrays, leading axis the batch B):
   image [B, H, W, C] float in [-1, 1]; text_mask [B, L] bool;
   text_emb [B, L, D] (a frozen encoder's output, computed on the host), or, when the text
   encoder trains with the U-Net, text_tokens [B, L] int32 (it runs inside the loss);
-  lowres [B, h, w, C] for super-resolution stages.
+  lowres [B, h, w, C] for super-resolution stages; and the arrays of the stage's other
+  conditions (``diffusion_jax.conditioning``: e.g. input_image [B, H, W, C]).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffusion_jax import conditioning
 from diffusion_jax.diffusion import losses, noise_levels, preconditioning, schedules
 from diffusion_jax.training.state import TrainState, ema_decay_at, ema_update
 
@@ -41,6 +43,9 @@ class DiffusionSettings:
   None draws t ~ U[0, 1] of ``schedule``. ``preconditioning``: None, or an
   ``EDMPreconditioning`` whose wrapper turns the U-Net into an x0 model (Karras et al.
   2022); with ``weighting="edm"`` and the log-normal sampler that is the paper's training.
+
+  ``conditions``: the stage's conditions besides text and low-res image
+  (``diffusion_jax.conditioning``), each dropped with its own probability.
   """
 
   schedule: Any = dataclasses.field(default_factory=schedules.ShiftedCosineSchedule)
@@ -54,6 +59,7 @@ class DiffusionSettings:
   num_loss_buckets: int = 4
   noise_sampler: Any = None
   preconditioning: Any = None
+  conditions: tuple = ()
 
   def __post_init__(self):
     if not 0.0 <= self.cond_drop_prob <= 1.0:
@@ -113,6 +119,11 @@ def _loss_fn(params, model: nn.Module, batch, null_cond, key, settings: Diffusio
     noise = jax.random.normal(k_aug_noise, lowres.shape)
     extra = {"lowres": schedules.q_sample(lowres, noise, lowres_logsnr),
              "lowres_logsnr": lowres_logsnr}
+  if settings.conditions:
+    # fold_in rather than a seventh split: stages without conditions keep their streams.
+    extra.update(conditioning.train_inputs(settings.conditions, jax.random.fold_in(key, 7),
+                                           batch))
+
   def network(x, logsnr):
     return model.apply({"params": params}, x, logsnr, cond["text_emb"], cond["text_mask"],
                        train=True, rngs={"dropout": k_dropout}, **extra)

@@ -1,0 +1,84 @@
+"""``config.conditioning`` -> the stage's conditions (diffusion_jax/conditioning.py) and
+the U-Net inputs they need. ``conditions`` validates without loading anything (run_training
+calls it before the workdir lock); ``stage_unet_config`` gives the U-Net its inputs
+(latent_builders.stage_unet_config calls it, so training and sampling agree);
+``for_training`` attaches the conditions to the step settings, loading what must be
+loaded (an image embedding's frozen encoder)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from cli import ConfigError
+
+from diffusion_jax import conditioning
+
+KINDS = ("none", "input_image", "masked_image", "image_embed")
+
+
+def _section(config: ml_collections.ConfigDict):
+  return config.get("conditioning")  # None in config.json files written before it
+
+
+def kind(config: ml_collections.ConfigDict) -> str:
+  c = _section(config)
+  name = "none" if c is None else c.kind
+  if name not in KINDS:
+    raise ConfigError(f"config.conditioning.kind={name!r}; choose one of {', '.join(KINDS)}.")
+  return name
+
+
+def conditions(config: ml_collections.ConfigDict, channels: int = 3) -> tuple:
+  """The conditions ``config.conditioning`` describes for images of ``channels``
+  channels (the U-Net's in_channels: a latent's for latent stages), without loading
+  anything (an image embedding has no encoder yet: ``for_training`` adds it)."""
+  name = kind(config)
+  if name == "none":
+    return ()
+  c = _section(config)
+  drop = {} if c.drop_prob is None else {"drop_prob": c.drop_prob}
+  try:
+    if name == "input_image":
+      return (conditioning.InputImage(channels=channels, **drop),)
+    if name == "masked_image":
+      return (conditioning.MaskedImage(channels=channels, min_fraction=c.mask_min_fraction,
+                                       max_fraction=c.mask_max_fraction,
+                                       full_prob=c.mask_full_prob, **drop),)
+    if c.embed_dim is None:
+      raise ConfigError("config.conditioning.kind='image_embed' needs "
+                        "config.conditioning.embed_dim (the CLIP projection width).")
+    return (conditioning.ImageEmbedding(dim=c.embed_dim, source=c.clip_dir, **drop),)
+  except ValueError as e:
+    raise ConfigError(f"config.conditioning: {e}") from None
+
+
+def stage_unet_config(config: ml_collections.ConfigDict, unet_cfg, latent: bool = False):
+  """``unet_cfg`` with the inputs its conditions need (cond_image_channels,
+  image_embed_dim); ``latent``: the stage diffuses in an autoencoder's latents."""
+  if latent and kind(config) == "input_image":
+    raise ConfigError("config.conditioning.kind='input_image' needs a pixel stage: the "
+                      "dataset's input images are pixels (unset config.autoencoder.directory "
+                      "or use masked_image).")
+  fields = conditioning.unet_requirements(conditions(config, unet_cfg.in_channels))
+  return dataclasses.replace(unet_cfg, **fields)
+
+
+def image_embed_encoder(config: ml_collections.ConfigDict, mesh=None):
+  """The frozen image encoder of an ``image_embed`` stage: images [B, H, W, C] in
+  [-1, 1] -> [B, embed_dim]."""
+  raise ConfigError("config.conditioning.kind='image_embed' trains against a frozen CLIP "
+                    "image encoder, which this version cannot load yet.")
+
+
+def for_training(config: ml_collections.ConfigDict, steps, unet_cfg, mesh=None):
+  """``steps`` (StepSettings) with the conditions of a stage whose U-Net is ``unet_cfg``
+  attached, encoders loaded."""
+  conds = conditions(config, unet_cfg.in_channels)
+  loaded = []
+  for condition in conds:
+    if isinstance(condition, conditioning.ImageEmbedding) and condition.encoder is None:
+      condition = dataclasses.replace(condition, encoder=image_embed_encoder(config, mesh))
+    loaded.append(condition)
+  diffusion = dataclasses.replace(steps.diffusion, conditions=tuple(loaded))
+  return dataclasses.replace(steps, diffusion=diffusion)

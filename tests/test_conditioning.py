@@ -1,0 +1,160 @@
+"""Conditions beyond the text: the U-Net's cond_image / image_embed inputs, the masks and
+dropout of diffusion_jax.conditioning, and a conditioned stage through the training loop."""
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import training_helpers as th
+
+from diffusion_jax import cascade, conditioning
+from diffusion_jax.models import unet as unet_lib
+from diffusion_jax.training import loop as loop_lib
+from diffusion_jax.training import state as state_lib
+from diffusion_jax.training import step as step_lib
+
+
+def _config(**fields):
+  return dataclasses.replace(th.tiny_unet().config, **fields)
+
+
+def _init(cfg, key=0):
+  model = unet_lib.UNet(cfg)
+  params = nn.unbox(model.init(jax.random.key(key), **unet_lib.example_inputs(cfg, 2)))
+  # Zero-initialised layers (the output conv, FiLM, attention outputs: a new block is the
+  # identity) hide the conditioning at init: give every parameter random values.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  leaves = [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+  return model, jax.tree.unflatten(tree, leaves)
+
+
+def test_unet_conditions_reach_the_output_and_bad_inputs_are_refused():
+  cfg = _config(cond_image_channels=4, image_embed_dim=5, image_embed_tokens=2)
+  model, params = _init(cfg)
+  inputs = unet_lib.example_inputs(cfg, 2)
+  assert inputs["cond_image"].shape == (2, 16, 16, 4) and inputs["image_embed"].shape == (2, 5)
+  apply = jax.jit(model.apply)
+  out = apply(params, **inputs)
+  assert out.shape == (2, 16, 16, 3)
+  key = jax.random.key(3)
+  other_image = dict(inputs, cond_image=jax.random.normal(key, inputs["cond_image"].shape))
+  other_embed = dict(inputs, image_embed=jax.random.normal(key, inputs["image_embed"].shape))
+  assert float(jnp.abs(apply(params, **other_image) - out).max()) > 1e-3
+  assert float(jnp.abs(apply(params, **other_embed) - out).max()) > 1e-3
+  with pytest.raises(ValueError, match="cond_image of shape"):
+    model.apply(params, **dict(inputs, cond_image=None))
+  with pytest.raises(ValueError, match="image_embed of shape"):
+    model.apply(params, **dict(inputs, image_embed=jnp.zeros((2, 4))))
+  plain_cfg = _config()
+  plain, plain_params = _init(plain_cfg)
+  with pytest.raises(ValueError, match="cond_image_channels=0"):
+    plain.apply(plain_params, **unet_lib.example_inputs(plain_cfg, 2),
+                cond_image=inputs["cond_image"])
+  # Without the new fields the parameter tree is the one checkpoints already hold.
+  assert "image_embed_proj" not in plain_params["params"]
+  assert plain_params["params"]["stem"]["kernel"].shape[2] == 3
+
+
+def test_random_masks_are_rectangles_of_the_asked_size_and_full_with_full_prob():
+  masks = np.asarray(conditioning.random_masks(jax.random.key(0), 256, 32, 32,
+                                               min_fraction=0.25, max_fraction=0.5,
+                                               full_prob=0.0))
+  assert masks.shape == (256, 32, 32, 1) and set(np.unique(masks)) <= {0.0, 1.0}
+  rows, cols = masks[..., 0].any(2).sum(1), masks[..., 0].any(1).sum(1)
+  # A rectangle: its area is the product of its row and column extents.
+  np.testing.assert_array_equal(masks[..., 0].sum((1, 2)), rows * cols)
+  assert rows.min() >= 7 and rows.max() <= 17 and cols.min() >= 7 and cols.max() <= 17
+  full = conditioning.random_masks(jax.random.key(1), 400, 8, 8, full_prob=0.25)
+  frac_full = float(jnp.mean(jnp.all(full == 1, axis=(1, 2, 3))))
+  assert 0.18 < frac_full < 0.32  # 0.25 +- 3.5 sigma (plus rare full rectangles: none at 0.8)
+
+
+def test_masked_input_and_dropout_closed_forms():
+  image = jax.random.uniform(jax.random.key(0), (3, 4, 4, 3), minval=-1, maxval=1)
+  mask = jnp.zeros((3, 4, 4, 1)).at[:, :2].set(1.0)
+  value = conditioning.masked_input(image, mask)
+  np.testing.assert_array_equal(value[:, :2, :, :3], 0.0)
+  np.testing.assert_array_equal(value[:, 2:, :, :3], image[:, 2:])
+  np.testing.assert_array_equal(value[..., 3:], mask)
+  null = conditioning.MaskedImage().null(value)
+  np.testing.assert_array_equal(null, conditioning.masked_input(0 * image, 1 + 0 * mask))
+  key = jax.random.key(5)
+  np.testing.assert_array_equal(conditioning.drop(key, value, null, 0.0), value)
+  np.testing.assert_array_equal(conditioning.drop(key, value, null, 1.0), null)
+  many = jnp.ones((2000, 2))
+  kept = conditioning.drop(key, many, jnp.zeros_like(many), 0.3)[:, 0]
+  assert abs(float(kept.mean()) - 0.7) < 0.035  # 3.4 sigma
+  with pytest.raises(ValueError, match="drop_prob"):
+    conditioning.InputImage(drop_prob=1.5)
+  cond = (conditioning.InputImage(), conditioning.MaskedImage())
+  assert conditioning.unet_requirements(cond) == {"cond_image_channels": 7,
+                                                  "image_embed_dim": None}
+  for c in (*cond, conditioning.ImageEmbedding(dim=8, source="clip")):
+    assert conditioning.from_json(c.to_json()).to_json() == c.to_json()
+
+
+def test_guided_model_fn_conditions_both_halves_unless_given_a_null():
+  cfg = _config(cond_image_channels=3)
+  model, params = _init(cfg)
+  inputs = unet_lib.example_inputs(cfg, 2)
+  image = jax.random.normal(jax.random.key(1), inputs["cond_image"].shape)
+  null = {"text_emb": jnp.zeros(inputs["text_emb"].shape[1:]),
+          "text_mask": jnp.ones(inputs["text_mask"].shape[1:], bool)}
+  x = jax.random.normal(jax.random.key(2), inputs["x_t"].shape)
+  logsnr = jnp.full((2,), 1.0)
+  net = cascade.stage_model_fn(model, params["params"])
+  text = {"text_emb": jax.random.normal(jax.random.key(3), inputs["text_emb"].shape),
+          "text_mask": inputs["text_mask"]}
+  cond = net(x, logsnr, dict(text, cond_image=image))
+  w = 3.0
+  for null_extra, uncond_image in ((None, image), ({"cond_image": 0.0}, 0 * image)):
+    fn = cascade.guided_model_fn(model, params["params"], text["text_emb"],
+                                 text["text_mask"], null, parameterization="eps",
+                                 guidance_scale=w, threshold="none",
+                                 extra_cond={"cond_image": image}, null_extra=null_extra)
+    uncond = net(x, logsnr, dict(null, cond_image=uncond_image,
+                                 text_emb=jnp.broadcast_to(null["text_emb"],
+                                                           text["text_emb"].shape),
+                                 text_mask=jnp.broadcast_to(null["text_mask"],
+                                                            text["text_mask"].shape)))
+    np.testing.assert_allclose(fn(x, logsnr), uncond + w * (cond - uncond), atol=1e-5)
+
+
+def _embed(images):
+  # A toy frozen encoder: per-channel means [B, 3].
+  return jnp.mean(images, axis=(1, 2))
+
+
+@pytest.mark.parametrize("condition", [
+    conditioning.MaskedImage(),
+    conditioning.ImageEmbedding(dim=3, encoder=jax.jit(_embed), drop_prob=0.5)],
+    ids=["masked_image", "image_embed"])
+def test_a_conditioned_stage_trains_through_the_loop_and_its_loss_falls(tmp_path, condition):
+  fields = conditioning.unet_requirements((condition,))
+  model = unet_lib.UNet(_config(**fields))
+  loop_lib.train(
+      tmp_path, model=model,
+      loop=loop_lib.LoopSettings(num_steps=40, batch_size=8, resolution=16, log_every=10,
+                                 checkpoint_every=40, mesh_axes=(("data", -1),
+                                                                   ("model", 1))),
+      step_settings=step_lib.StepSettings(step_lib.DiffusionSettings(conditions=(condition,)),
+                                          ema_decay=0.9),
+      optimizer=state_lib.OptimizerSettings(learning_rate=3e-3, warmup_steps=2),
+      data_factory=lambda: th.ShapesIterator(8, 16), text_encoder=th.HashText(),
+      log=lambda s: None)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if "loss" in r]
+  # Means over 10 steps each (one step's loss is too noisy in t).
+  assert len(losses) == 4 and np.all(np.isfinite(losses))
+  assert losses[-1] < 0.8 * losses[0], losses
+  # The stage restores with its conditions' inputs.
+  params, step = loop_lib.restore_ema_params(
+      tmp_path, model=model, loop=loop_lib.LoopSettings(num_steps=40, batch_size=8,
+                                                        resolution=16),
+      text_len=th.TEXT_LEN, text_dim=th.TEXT_DIM)
+  assert step == 40 and "stem" in params
