@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
-from cli import ConfigError
+from builders import ConfigError
 
 from diffusion_jax import conditioning
 
