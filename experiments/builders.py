@@ -285,6 +285,8 @@ def data_factory(config: ml_collections.ConfigDict, dataset: str | None = None):
 
   ``dataset``: ``dataset_name(config)`` if already known (it may prepare the data).
   """
+  import instruct_builders  # an input_image stage reads the dataset's input images too
+
   from diffusion_jax.data import pipeline
 
   d = config.data
@@ -294,7 +296,8 @@ def data_factory(config: ml_collections.ConfigDict, dataset: str | None = None):
       caption_key=None if d.label_key is not None else d.caption_key,
       label_key=d.label_key, caption_template=d.caption_template,
       resolution=d.resolution, lowres_resolution=d.lowres_resolution, crop=d.crop,
-      global_batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True)
+      global_batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True,
+      paired_image_keys=instruct_builders.paired_image_keys(config))
 
   def make():
     return pipeline.InputPipeline(**kwargs)

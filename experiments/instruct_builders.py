@@ -7,6 +7,7 @@ from __future__ import annotations
 import ml_collections
 from cli import UserError
 
+from diffusion_jax import conditioning
 from diffusion_jax.data import edit_pairs_tfds
 
 DATASET = edit_pairs_tfds.NAME
@@ -30,3 +31,12 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
                     f"{edit_pairs_tfds.prepare_command(d.data_dir, name.split('/', 1)[1])} "
                     "or set config.data.prepare=True.")
   return name
+
+
+def paired_image_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The dataset's image features an input_image stage also reads, cropped as the image
+  (``pipeline.InputPipeline(paired_image_keys=...)``): its conditions' batch keys."""
+  import conditioning_builders
+
+  return tuple(c.batch_key for c in conditioning_builders.conditions(config)
+               if isinstance(c, conditioning.InputImage))
