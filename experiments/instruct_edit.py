@@ -161,14 +161,14 @@ def run_instruct(f, parsed) -> pathlib.Path:
   keys = samplers.image_keys(jax.random.key(f.seed), n)
   edit = editor(stage, encoder)
   images = np.broadcast_to(pixels, (n, *pixels.shape))
-  tiles, captions = [images[:1]], ["input"]
+  tiles, captions = [images], ["input"] + [""] * (n - 1)  # a row of its own
   for s_i, s_t in _scales(parsed):
     tiles.append(edit(images, [f.prompt] * n, keys, s_i, s_t))
     captions += [f"s_I={s_i:g} s_T={s_t:g}: {f.prompt}"] * n
   record = {"_file": "edit.json", "command": "instruct", "prompt": f.prompt, "seed": f.seed,
             "stage": described, "text_encoder": encoder.encoder_id, "image": f.image,
             "scales": [{"image_guidance": i, "text_guidance": t} for i, t in _scales(parsed)]}
-  path = _write(f.outdir, "instruct", tiles, captions, max(n, 2), resolution, record)
+  path = _write(f.outdir, "instruct", tiles, captions, n, resolution, record)
   print(f"wrote {path} and {pathlib.Path(f.outdir) / 'edit.json'}")
   return path
 
