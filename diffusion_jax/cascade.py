@@ -313,12 +313,15 @@ def chain_error(previous_resolution: int, resolution: int, trained_lowres: int |
 class Stage:
   """A U-Net, its params, its sampling spec and its kind (``diffusion_jax.stage_kinds``:
   pixels, or a frozen autoencoder's latents, decoded after sampling). ``spec.resolution``
-  is the stage's output size in pixels whatever the kind."""
+  is the stage's output size in pixels whatever the kind. ``conditioning``: the
+  ``to_json`` of the stage's condition beyond text (``diffusion_jax.conditioning``), or
+  None; such a stage needs that input to sample (edit.py, unclip.py give it)."""
 
   model: unet_lib.UNet
   params: Any
   spec: StageSpec
   kind: Any = stage_kinds.PIXEL
+  conditioning: dict | None = None
 
   @property
   def super_resolution(self) -> bool:
@@ -461,7 +464,8 @@ def export_stage(stage: Stage, directory: str | pathlib.Path, text_encoder: dict
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory / "params", stage.params, force=True)
   meta = {"unet": unet_config_to_json(stage.model.config), "spec": stage.spec.to_json(),
-          "text_encoder": text_encoder, "kind": stage.kind.to_json()}
+          "text_encoder": text_encoder, "kind": stage.kind.to_json(),
+          "conditioning": stage.conditioning}
   (directory / "stage.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -482,7 +486,8 @@ def load_exported_stage(directory: str | pathlib.Path) -> tuple[Stage, dict]:
     kind = stage_kinds.from_json(meta.get("kind"))
   except (FileNotFoundError, ValueError) as e:
     raise FileNotFoundError(f"{meta_path}: its stage kind cannot be loaded: {e}") from None
-  return Stage(model, params, StageSpec.from_json(meta["spec"]), kind), meta["text_encoder"]
+  return (Stage(model, params, StageSpec.from_json(meta["spec"]), kind,
+                meta.get("conditioning")), meta["text_encoder"])
 
 
 def replace_spec(stage: Stage, **changes) -> Stage:

@@ -5,6 +5,8 @@ before / after grid (and edit.json) to --outdir.
       --prompt="a blue square" --strength=0.4,0.7 --outdir=runs/edit
   python experiments/edit.py inpaint --workdir=runs/demo/base --image=in.png \
       --mask=mask.png --prompt="a red circle" --outdir=runs/edit   # mask: white = generate
+  python experiments/edit.py inpaint-eval --workdir=runs/inpaint --method=stage \
+      --num_cases=64 --outdir=runs/inpaint_eval
   python experiments/edit.py p2p --workdir=runs/demo/base --prompt="a red circle" \
       --target="a blue circle" --outdir=runs/edit
   python experiments/edit.py textual-inversion --workdir=runs/demo/base \
@@ -16,7 +18,11 @@ before / after grid (and edit.json) to --outdir.
       --outdir=runs/instruct_eval
 
 sdedit: SDEdit (Meng et al. 2022) at each --strength in (0, 1]. inpaint: the known-region
-wrapper (--method=replace, any sampler) or RePaint with resampling jumps (--method=repaint).
+wrapper (--method=replace, any sampler), RePaint with resampling jumps (--method=repaint),
+or an inpainting stage that takes the masked image and mask as input channels
+(--method=stage, --workdir trained with configs/inpaint_shapes.py). inpaint-eval: any of
+those three replacing the object of --num_cases validation scenes by another colour and
+shape, scored by the shapes probe (diffusion_jax/editing/inpaint_eval.py).
 p2p: Prompt-to-Prompt word swap (Hertz et al. 2022): the target keeps the source's
 cross-attention maps for the first --replace_fraction of the steps (--reweight=word=2.0
 re-weights a target word). textual-inversion: learns --token's embedding from --images
@@ -43,7 +49,8 @@ import sampling  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from cli import UserError  # noqa: E402
 
-COMMANDS = ("sdedit", "inpaint", "p2p", "textual-inversion", *instruct_edit.COMMANDS)
+COMMANDS = ("sdedit", "inpaint", "inpaint-eval", "p2p", "textual-inversion",
+            *instruct_edit.COMMANDS)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir of a base stage.")
@@ -54,7 +61,8 @@ flags.DEFINE_string("target", None, "p2p: the target prompt (one word swapped)."
 flags.DEFINE_string("image", None, "sdedit / inpaint: the input image (PNG).")
 flags.DEFINE_string("mask", None, "inpaint: mask PNG of the image's size, white = generate.")
 flags.DEFINE_list("strength", ["0.5"], "sdedit: strengths in (0, 1].")
-flags.DEFINE_enum("method", "replace", ["replace", "repaint"], "inpaint method.")
+flags.DEFINE_enum("method", "replace", ["replace", "repaint", "stage"],
+                  "inpaint method (stage: a stage trained with configs/inpaint_shapes.py).")
 flags.DEFINE_integer("jump_length", 10, "repaint: levels per resampling jump.")
 flags.DEFINE_integer("jump_n_sample", 1, "repaint: passes per jump point (1 = no jumps).")
 flags.DEFINE_float("replace_fraction", 0.8, "p2p: fraction of steps with injected maps.")
@@ -67,6 +75,9 @@ flags.DEFINE_integer("train_steps", 200, "textual-inversion: optimisation steps.
 flags.DEFINE_float("learning_rate", 5e-3, "textual-inversion: Adam learning rate.")
 flags.DEFINE_string("embedding", None, "A learned_embeds.safetensors to load first.")
 flags.DEFINE_integer("num_images", 2, "Images per edit (seeds fold_in(seed, i)).")
+flags.DEFINE_integer("num_cases", 64, "inpaint-eval: object replacements to score.")
+flags.DEFINE_string("probe_path", None, "inpaint-eval / instruct-eval: a saved probe file "
+                    "to score with (default: the cached probe, trained on first use).")
 flags.DEFINE_integer("seed", 0, "Seed of the run.")
 flags.DEFINE_string("sampler", None, "ddpm | ddim | dpmpp_2m | euler | heun.")
 flags.DEFINE_integer("steps", None, "Sampling steps.")
@@ -74,7 +85,6 @@ flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.")
 flags.DEFINE_list("image_guidance", ["1.5"], "instruct: image guidance scales s_I.")
 flags.DEFINE_list("text_guidance", ["7.5"], "instruct: text guidance scales s_T.")
 flags.DEFINE_integer("num_pairs", 100, "instruct-eval: held-out edit pairs to score.")
-flags.DEFINE_string("probe_path", None, "instruct-eval: a saved probe (default: cached).")
 
 
 def _read_png(path: str, what: str, resolution: int | None = None, mode: str = "RGB"):
@@ -102,7 +112,7 @@ def check_flags(command: str, f) -> dict:
     raise UserError("--workdir (a trained base stage) and --outdir are required.")
   if command in instruct_edit.COMMANDS:
     return instruct_edit.check_flags(command, f)
-  if not f.prompt or not f.prompt.strip():
+  if command != "inpaint-eval" and (not f.prompt or not f.prompt.strip()):
     raise UserError("--prompt is empty; give the prompt to edit towards (for p2p: the "
                     "source prompt).")
   if f.num_images < 1:
@@ -117,6 +127,11 @@ def check_flags(command: str, f) -> dict:
     if bad or not parsed["strengths"]:
       raise UserError(f"--strength must lie in (0, 1] (1 = from pure noise), got "
                       f"{','.join(f.strength)}.")
+  if command == "inpaint-eval" and f.num_cases < 1:
+    raise UserError(f"--num_cases={f.num_cases}; it must be >= 1.")
+  if command == "inpaint-eval" and f.probe_path and not pathlib.Path(f.probe_path).is_file():
+    raise UserError(f"--probe_path {f.probe_path} does not exist; omit it to use the cached "
+                    "probe.")
   if command in ("sdedit", "inpaint") and not f.image:
     raise UserError(f"{command} needs --image=PNG.")
   if command == "inpaint":
@@ -179,6 +194,27 @@ def _load(f):
   return cascade.stages[0], encoder, described[0]
 
 
+def _needed_condition(command: str, f) -> str | None:
+  """The condition beyond text the sub-command's stage must have been trained with."""
+  if command in ("inpaint", "inpaint-eval") and f.method == "stage":
+    return "masked_image"
+  return None
+
+
+def _check_stage(command: str, f, stage) -> None:
+  have = (stage.conditioning or {}).get("kind")
+  need = _needed_condition(command, f)
+  if have == need:
+    return
+  if need is None:
+    raise UserError(f"{f.workdir} is conditioned on {have} as well as text; {command} "
+                    "edits with a text-to-image stage (for an inpainting stage use "
+                    "inpaint --method=stage).")
+  raise UserError(f"{command}{' --method=stage' if 'inpaint' in command else ''} needs a "
+                  f"stage trained with config.conditioning.kind={need!r}; {f.workdir} has "
+                  f"{have or 'none'}.")
+
+
 def _guided(stage, cond, null):
   """The stage's guided, thresholded model_fn for cond (leaves [B, ...])."""
   from diffusion_jax import cascade as cascade_lib
@@ -207,6 +243,89 @@ def _sampler_call(stage, model_fn, x, grid, keys):
                          **dict(spec.sampler_options))
 
 
+def _inpaint(stage, f, x0, generate, cond, null, keys):
+  """Inpainted images [B, H, W, C] of ``x0`` [B, H, W, C] where ``generate`` [B, H, W]
+  is True, by --method (replace / repaint: training-free with a text-to-image stage;
+  stage: an inpainting stage conditioned on the masked image and mask)."""
+  import jax
+  import jax.numpy as jnp
+
+  from diffusion_jax import cascade as cascade_lib
+  from diffusion_jax import conditioning
+  from diffusion_jax.diffusion import samplers
+  from diffusion_jax.editing import inpainting
+
+  spec, grid = stage.spec, stage.spec.grid()
+  if f.method == "stage":
+    mask = jnp.asarray(generate, jnp.float32)[..., None]
+    # The masked image conditions both halves of the guidance; only the text is dropped.
+    model_fn = cascade_lib.guided_model_fn(
+        stage.model, stage.params, cond["text_emb"], cond["text_mask"], null,
+        parameterization=spec.parameterization, guidance_scale=spec.guidance_scale,
+        threshold=spec.threshold, percentile=spec.percentile,
+        extra_cond={"cond_image": conditioning.masked_input(x0, mask)})
+    return jax.jit(lambda k: _sampler_call(stage, model_fn, samplers.initial_noise(
+        k, x0.shape), grid, k))(keys)
+  known = ~jnp.asarray(generate)
+  model_fn = _guided(stage, cond, null)
+  if f.method == "replace":
+    wrapped = inpainting.known_region_model_fn(model_fn, x0, known, spec.parameterization)
+    return jax.jit(lambda k: _sampler_call(stage, wrapped, samplers.initial_noise(
+        k, x0.shape), grid, k))(keys)
+  return jax.jit(lambda x, k: inpainting.repaint(
+      model_fn, x, known, grid, k, parameterization=spec.parameterization,
+      sampler=spec.sampler, jump_length=f.jump_length,
+      jump_n_sample=f.jump_n_sample))(x0, keys)
+
+
+def _inpaint_eval(stage, encoder, described, f) -> pathlib.Path:
+  """inpaint-eval: --num_cases object replacements (diffusion_jax.editing.inpaint_eval)
+  by --method, scored by the shapes probe; writes inpaint_eval.{md,json} and a grid."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from diffusion_jax import images as images_lib
+  from diffusion_jax.diffusion import samplers
+  from diffusion_jax.editing import inpaint_eval
+  from diffusion_jax.evaluation import probe as probe_lib
+
+  res = stage.spec.resolution
+  cases = inpaint_eval.make_cases(f.num_cases, res, seed=f.seed)
+  probe = (probe_lib.load(f.probe_path) if f.probe_path else
+           probe_lib.load_or_train(log=print))
+  outputs, batch = [], 16
+  for start in range(0, len(cases), batch):
+    chunk = cases[start:start + batch]
+    chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # one compiled batch size
+    x0 = jnp.asarray(np.stack([c.image for c in chunk]), jnp.float32) / 127.5 - 1.0
+    cond, null = _encode(encoder, [c.prompt for c in chunk])
+    keys = samplers.image_keys(jax.random.key(f.seed), batch, start=start)
+    out = _inpaint(stage, f, x0, jnp.asarray(np.stack([c.generate for c in chunk])), cond,
+                   null, keys)
+    outputs.append(np.asarray(images_lib.to_uint8(out)))
+  outputs = np.concatenate(outputs)[:len(cases)]
+  summary = inpaint_eval.score(cases, outputs, probe)
+  outdir = pathlib.Path(f.outdir)
+  outdir.mkdir(parents=True, exist_ok=True)
+  table = inpaint_eval.markdown({f.method: summary})
+  (outdir / "inpaint_eval.md").write_text(table)
+  (outdir / "inpaint_eval.json").write_text(json.dumps(
+      {"method": f.method, "stage": described, "num_cases": len(cases), "seed": f.seed,
+       **summary}, indent=2, default=str))
+  shown = min(len(cases), 8)
+  tiles = np.concatenate([np.stack([c.image for c in cases[:shown]]),
+                          np.stack([np.where(c.generate[..., None], 0, c.image)
+                                    for c in cases[:shown]]), outputs[:shown]])
+  captions = ([f"was: {' '.join(c.original)}" for c in cases[:shown]]
+              + ["kept"] * shown + [c.prompt for c in cases[:shown]])
+  grid = images_lib.make_grid(tiles, captions, columns=shown, scale=max(1, 128 // res))
+  images_lib.save_png(grid, outdir / "inpaint_eval.png")
+  print(table, end="")
+  print(f"wrote {outdir / 'inpaint_eval.md'}, inpaint_eval.json, inpaint_eval.png")
+  return outdir / "inpaint_eval.md"
+
+
 def run(command: str, f) -> pathlib.Path:
   """The sub-command's work; returns the grid's path."""
   import jax
@@ -215,13 +334,16 @@ def run(command: str, f) -> pathlib.Path:
 
   from diffusion_jax import images as images_lib
   from diffusion_jax.diffusion import samplers
-  from diffusion_jax.editing import inpainting, sdedit
+  from diffusion_jax.editing import sdedit
 
   if command in instruct_edit.COMMANDS:
     check_flags(command, f)
     return instruct_edit.run(command, f)
   parsed = check_flags(command, f)
   stage, encoder, described = _load(f)
+  _check_stage(command, f, stage)
+  if command == "inpaint-eval":
+    return _inpaint_eval(stage, encoder, described, f)
   spec, n = stage.spec, f.num_images
   shape = (spec.resolution, spec.resolution, stage.model.config.out_channels)
   grid, key = spec.grid(), jax.random.key(f.seed)
@@ -246,18 +368,9 @@ def run(command: str, f) -> pathlib.Path:
   elif command == "inpaint":
     x0 = as_input(f.image)
     generate = _read_png(f.mask, "--mask", spec.resolution, mode="L") >= 128
-    known = jnp.asarray(~generate)
-    model_fn = _guided(stage, cond, null)
-    if f.method == "replace":
-      wrapped = inpainting.known_region_model_fn(model_fn, x0, known, spec.parameterization)
-      out = jax.jit(lambda k: _sampler_call(stage, wrapped, samplers.initial_noise(
-          k, (n, *shape)), grid, k))(keys)
-    else:
-      out = jax.jit(lambda x, k: inpainting.repaint(
-          model_fn, x, known, grid, k, parameterization=spec.parameterization,
-          sampler=spec.sampler, jump_length=f.jump_length,
-          jump_n_sample=f.jump_n_sample))(x0, keys)
-    masked = jnp.where(known[None, :, :, None], x0[:1], 0.0)
+    out = _inpaint(stage, f, x0, jnp.broadcast_to(jnp.asarray(generate), (n, *shape[:2])),
+                   cond, null, keys)
+    masked = jnp.where(~jnp.asarray(generate)[None, :, :, None], x0[:1], 0.0)
     tiles = [x0[:1], masked, out]
     captions = ["input", "kept (white mask = black here)"] + [f"{f.method}: {f.prompt}"] * n
   elif command == "p2p":

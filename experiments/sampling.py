@@ -156,9 +156,12 @@ def training_stage(workdir: str, config: ml_collections.ConfigDict,
         step=step)
   except (FileNotFoundError, ValueError) as e:
     raise _restore_error(e, step) from None
+  import conditioning_builders
   import latent_builders
 
-  return cascade.Stage(model, params, spec, latent_builders.stage_kind(config)), step
+  conditions = conditioning_builders.conditions(config, model_cfg.in_channels)
+  return cascade.Stage(model, params, spec, latent_builders.stage_kind(config),
+                       conditions[0].to_json() if conditions else None), step
 
 
 def _stage_sources(workdirs, exported) -> list:
@@ -426,6 +429,12 @@ def stage_settings(num_stages: int, *, num_workdirs: int = 0, checkpoint_steps=N
   return per_stage, checkpoint_steps
 
 
+# Where a stage conditioned on more than text is sampled.
+CONDITIONED_TOOLS = {"masked_image": "experiments/edit.py inpaint --method=stage",
+                     "input_image": "experiments/edit.py instruct",
+                     "image_embed": "experiments/unclip.py"}
+
+
 def prepare_cascade(*, workdirs=(), stages=(), clip_guidance_scale: float = 0.0,
                     clip_checkpoint: str | None = None, **settings):
   """(Cascade, description per stage, text-encoder description) of training ``workdirs``
@@ -442,6 +451,11 @@ def prepare_cascade(*, workdirs=(), stages=(), clip_guidance_scale: float = 0.0,
   guide = clip_guide(clip_checkpoint, clip_scale) if clip_scale else None
   cascade, described, text_meta = load_cascade(
       workdirs, stages, checkpoint_steps=checkpoint_steps, per_stage=per_stage)
+  for source, stage in zip(_stage_sources(workdirs, stages), cascade.stages, strict=True):
+    if stage.conditioning:
+      kind = stage.conditioning["kind"]
+      raise UserError(f"{source} is conditioned on {kind} as well as text: sample it with "
+                      f"{CONDITIONED_TOOLS.get(kind, 'the tool of that condition')}.")
   cascade.clip_guide = guide
   return cascade, described, text_meta
 
