@@ -45,6 +45,15 @@ def workdir(tmp_path_factory):
   return tmp / "stage"
 
 
+@pytest.fixture(scope="module")
+def loaded(workdir):
+  """(Stage, text encoder) of the trained workdir, loaded once."""
+  import sampling
+
+  cascade, _, _ = sampling.load_cascade([str(workdir)])
+  return cascade.stages[0], cascade.text_encoder
+
+
 def _flags(workdir, outdir, **kwargs):
   values = dict(workdir=str(workdir), outdir=str(outdir), checkpoint_step=None, prompt=None,
                 image=None, image_guidance=["1.5"], text_guidance=["7.5"], num_images=2,
@@ -57,17 +66,16 @@ def _png(path, size, value=200):
   return str(path)
 
 
-def test_the_stage_trains_on_edit_pairs_with_its_input_image(workdir):
+def test_the_stage_trains_on_edit_pairs_with_its_input_image(workdir, loaded):
   config = json.loads((workdir / "config.json").read_text())
   assert config["conditioning"]["kind"] == "input_image"
   assert config["data"]["dataset"] == "shapes_edits"
   # The U-Net's stem took the input image's channels beside x_t.
-  import sampling
-  cascade, _, _ = sampling.load_cascade([str(workdir)])
-  assert cascade.stages[0].model.config.cond_image_channels == 3
+  assert loaded[0].model.config.cond_image_channels == 3
+  assert loaded[0].conditioning["kind"] == "input_image"
 
 
-def test_instruct_runs_end_to_end_at_a_grid_of_scales(workdir, tmp_path):
+def test_instruct_runs_end_to_end_at_a_grid_of_scales(workdir, loaded, tmp_path):
   image = _png(tmp_path / "in.png", RES)
   f = _flags(workdir, tmp_path / "out", image=image, prompt="make the circle red",
              image_guidance=["1", "2"], text_guidance=["3"])
@@ -78,8 +86,7 @@ def test_instruct_runs_end_to_end_at_a_grid_of_scales(workdir, tmp_path):
   assert record["command"] == "instruct" and len(record["scales"]) == 2
   # s_I = 1, s_T = 1 is the conditional model alone; larger scales change the output.
   from diffusion_jax.diffusion import samplers
-  stage, encoder, _ = instruct_edit._load(f)
-  edit = instruct_edit.editor(stage, encoder)
+  edit = instruct_edit.editor(*loaded)
   x = np.broadcast_to(np.asarray(Image.open(image), np.float32) / 127.5 - 1, (2, RES, RES, 3))
   import jax
   keys = samplers.image_keys(jax.random.key(0), 2)
@@ -124,3 +131,44 @@ def test_a_text_only_stage_is_refused_in_one_line(tmp_path):
                      timeout=600, cwd=ROOT)
   assert "is not an image-conditioned stage" in one_error_line(r)
   assert not (tmp_path / "out").exists()
+
+
+def test_dual_guidance_at_image_scale_one_is_the_stages_cfg(loaded):
+  # On the trained stage: s_I = 1 is classifier-free guidance of (I, T) against (I, null)
+  # as cascade.guided_model_fn runs it with the input image in both halves; and the null
+  # image (zeros) changes the prediction, so s_I > 1 does guide on the image.
+  import jax
+  import jax.numpy as jnp
+
+  from diffusion_jax import cascade as cascade_lib
+  from diffusion_jax.editing import dual_guidance
+
+  stage, encoder = loaded
+  emb, mask = (jnp.asarray(a) for a in encoder.encode(["make the circle red"] * 2))
+  null_emb, null_mask = encoder.encode([""])
+  null = {"text_emb": jnp.asarray(null_emb[0]), "text_mask": jnp.asarray(null_mask[0])}
+  image = jax.random.uniform(jax.random.key(1), (2, RES, RES, 3), minval=-1, maxval=1)
+  x = jax.random.normal(jax.random.key(2), (2, RES, RES, 3))
+  logsnr = jnp.array([-1.0, 2.0])
+  net = cascade_lib.stage_model_fn(stage.model, stage.params)
+  conds = dual_guidance.instruct_conditions(image, {"text_emb": emb, "text_mask": mask}, null)
+  dual = jax.jit(lambda x, lam, s_i: dual_guidance.dual_classifier_free(
+      net, *conds, 4.0, s_i)(x, lam))
+  cfg = jax.jit(lambda x, lam: cascade_lib.guided_model_fn(
+      stage.model, stage.params, emb, mask, null, parameterization="v", guidance_scale=4.0,
+      threshold="none", extra_cond={"cond_image": image})(x, lam))(x, logsnr)
+  np.testing.assert_allclose(dual(x, logsnr, 1.0), cfg, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(dual(x, logsnr, 2.0) - cfg).max()) > 1e-5
+
+
+@pytest.mark.slow
+def test_instruct_cli_end_to_end(workdir, tmp_path):
+  image = _png(tmp_path / "in.png", RES)
+  out = tmp_path / "out"
+  r = subprocess.run([sys.executable, str(EDIT), "instruct", f"--workdir={workdir}",
+                      f"--outdir={out}", f"--image={image}", "--prompt=make the circle red",
+                      "--image_guidance=1,1.5", "--text_guidance=2", "--steps=3"],
+                     capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (out / "instruct.png").is_file()
+  assert json.loads((out / "edit.json").read_text())["command"] == "instruct"
