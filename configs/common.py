@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.caption_template = "a photo of a {label}"
   c.data.resolution = 32
   c.data.lowres_resolution = config_dict.placeholder(int)
-  c.data.crop = "center"             # center | random
+  c.data.crop = "center"             # center | random | random_rescale (SDXL's crops)
+  c.data.max_rescale = 1.5           # random_rescale: shorter side to R * U[1, max_rescale]
   # shapes only: render the scenes at this size (default: data.resolution); larger than
   # data.resolution with crop="random" trains on crops (Imagen's super-resolution stages)
   c.data.shapes_resolution = config_dict.placeholder(int)
@@ -161,6 +162,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.conditioning.mask_full_prob = 0.1
   c.conditioning.embed_dim = config_dict.placeholder(int)
   c.conditioning.clip_dir = config_dict.placeholder(str)
+  # SDXL's micro-conditioning (with any kind above): the rescaled size and crop offsets of
+  # each training crop (needs data.crop="random_rescale"); sampling asks for no crop.
+  c.conditioning.micro = False
 
   # Multi-host (GPU clusters; TPU VMs detect everything themselves).
   c.distributed = ml_collections.ConfigDict()

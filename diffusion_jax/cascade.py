@@ -45,7 +45,8 @@ def stage_model_fn(model: nn.Module, params: Any, preconditioning=None):
   def cond_model_fn(x_t, logsnr, cond):
     return model.apply({"params": params}, x_t, logsnr, cond["text_emb"], cond["text_mask"],
                        lowres=cond.get("lowres"), lowres_logsnr=cond.get("lowres_logsnr"),
-                       cond_image=cond.get("cond_image"), image_embed=cond.get("image_embed"))
+                       cond_image=cond.get("cond_image"), image_embed=cond.get("image_embed"),
+                       micro_cond=cond.get("micro_cond"))
   return cond_model_fn if preconditioning is None else preconditioning.wrap(cond_model_fn)
 
 
@@ -314,14 +315,28 @@ class Stage:
   """A U-Net, its params, its sampling spec and its kind (``diffusion_jax.stage_kinds``:
   pixels, or a frozen autoencoder's latents, decoded after sampling). ``spec.resolution``
   is the stage's output size in pixels whatever the kind. ``conditioning``: the
-  ``to_json`` of the stage's condition beyond text (``diffusion_jax.conditioning``), or
-  None; such a stage needs that input to sample (edit.py, unclip.py give it)."""
+  ``to_json`` of each of the stage's conditions beyond text (``diffusion_jax.conditioning``);
+  the cascade fills in those with a sampling default (micro-conditioning), the others need
+  their input (edit.py, unclip.py give it)."""
 
   model: unet_lib.UNet
   params: Any
   spec: StageSpec
   kind: Any = stage_kinds.PIXEL
-  conditioning: dict | None = None
+  conditioning: tuple = ()
+
+  def sampling_inputs(self, batch: int) -> dict:
+    """The U-Net keywords the cascade gives this stage's conditions by default."""
+    from diffusion_jax import conditioning as conditioning_lib
+
+    out = {}
+    for described in self.conditioning:
+      default = conditioning_lib.sampling_default(described, batch, self.spec.resolution)
+      if default is None:
+        raise ValueError(f"this stage is conditioned on {described['kind']}, which "
+                         "text-to-image sampling cannot give it.")
+      out.update(default)
+    return out
 
   @property
   def super_resolution(self) -> bool:
@@ -385,6 +400,8 @@ class Cascade:
                                                           x.shape))(keys, lowres)
           extra = dict(lowres=schedules.q_sample(lowres, noise, logsnr),
                        lowres_logsnr=logsnr)
+        if stage.conditioning:
+          extra["extra_cond"] = stage.sampling_inputs(text_emb.shape[0])
         return sample_stage(
             stage.model, params, text_emb, text_mask, null_cond, keys, grid,
             image_shape=image_shape, parameterization=spec.parameterization,
@@ -465,7 +482,7 @@ def export_stage(stage: Stage, directory: str | pathlib.Path, text_encoder: dict
     checkpointer.save(directory / "params", stage.params, force=True)
   meta = {"unet": unet_config_to_json(stage.model.config), "spec": stage.spec.to_json(),
           "text_encoder": text_encoder, "kind": stage.kind.to_json(),
-          "conditioning": stage.conditioning}
+          "conditioning": list(stage.conditioning)}
   (directory / "stage.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -487,7 +504,7 @@ def load_exported_stage(directory: str | pathlib.Path) -> tuple[Stage, dict]:
   except (FileNotFoundError, ValueError) as e:
     raise FileNotFoundError(f"{meta_path}: its stage kind cannot be loaded: {e}") from None
   return (Stage(model, params, StageSpec.from_json(meta["spec"]), kind,
-                meta.get("conditioning")), meta["text_encoder"])
+                tuple(meta.get("conditioning") or ())), meta["text_encoder"])
 
 
 def replace_spec(stage: Stage, **changes) -> Stage:

@@ -12,7 +12,11 @@ U-Net's optional inputs (``input_name``):
                       the mask, concatenated with x_t (``cond_image``, C + 1 channels);
   ``ImageEmbedding``  DALL-E 2's decoder (Ramesh et al. 2022): an image embedding [B, D]
                       (``image_embed``), computed from the batch's images by a frozen
-                      ``encoder`` (a CLIP image tower) before the step.
+                      ``encoder`` (a CLIP image tower) before the step;
+  ``MicroConditioning`` SDXL (Podell et al. 2023, section 2.2): the size of the image a
+                      training crop was taken from and the crop's offsets, in pixels
+                      (``micro_cond`` [B, 4]), from the data pipeline's random rescale and
+                      crop; sampling gives it an uncropped image's values by default.
 
 Each condition is a frozen dataclass the step calls without branching on its kind:
 
@@ -26,7 +30,9 @@ Each condition is a frozen dataclass the step calls without branching on its kin
                                       both 5%; independent drops give ~that), to zeros.
 
 Sampling passes the same U-Net keywords through ``cascade.guided_model_fn``'s
-``extra_cond``. Nothing here reads a config (experiments/conditioning_builders.py does).
+``extra_cond``; ``sampling_default`` gives them for a condition text-to-image sampling can
+fill in itself (micro-conditioning), the others need their tool (edit.py, unclip.py).
+Nothing here reads a config (experiments/conditioning_builders.py does).
 """
 
 from __future__ import annotations
@@ -196,6 +202,55 @@ class ImageEmbedding:
             "source": self.source}
 
 
+@dataclasses.dataclass(frozen=True)
+class MicroConditioning:
+  """SDXL's size and crop conditioning: ``batch["micro_cond"]`` [B, 4] = (height, width)
+  of the rescaled image a crop was cut from and the crop's (top, left), in pixels of the
+  stage's resolution (``data.pipeline``'s ``crop="random_rescale"``). Sampling uses
+  (R, R, 0, 0): an image that was not cropped (SDXL's default crop (0, 0))."""
+
+  drop_prob: float = 0.0
+  input_name: str = "micro_cond"
+  batch_key: str = "micro_cond"
+  batch_ndim: int = 2
+
+  def __post_init__(self):
+    _check_drop(self.drop_prob)
+
+  @property
+  def width(self) -> int:
+    return 4
+
+  def prepare_batch(self, batch: dict) -> dict:
+    if self.batch_key not in batch:
+      raise ValueError("a micro-conditioned stage needs batch['micro_cond'] (train with "
+                       "config.data.crop='random_rescale').")
+    return batch
+
+  def train_value(self, key: jax.Array, batch: dict) -> jnp.ndarray:
+    del key
+    return batch[self.batch_key].astype(jnp.float32)
+
+  def null(self, value: jnp.ndarray) -> jnp.ndarray:
+    return jnp.zeros_like(value)
+
+  def to_json(self) -> dict:
+    return {"kind": "micro", "drop_prob": self.drop_prob}
+
+
+def uncropped(batch: int, resolution: int) -> jnp.ndarray:
+  """Micro-conditioning of an uncropped ``resolution`` px image: [B, 4] = (R, R, 0, 0)."""
+  return jnp.broadcast_to(jnp.asarray([resolution, resolution, 0, 0], jnp.float32), (batch, 4))
+
+
+def sampling_default(described: dict, batch: int, resolution: int) -> dict | None:
+  """U-Net keywords text-to-image sampling gives a condition (``to_json`` form) by itself,
+  or None when it cannot (the condition needs its input)."""
+  if described.get("kind") == "micro":
+    return {"micro_cond": uncropped(batch, resolution)}
+  return None
+
+
 def drop(key: jax.Array, value: jnp.ndarray, null: jnp.ndarray, prob: float) -> jnp.ndarray:
   """Rows of ``value`` [B, ...] replaced by ``null`` with probability ``prob`` each."""
   if prob == 0.0:
@@ -223,12 +278,15 @@ def batch_ndims(conditions) -> dict[str, int]:
 
 
 def unet_requirements(conditions) -> dict:
-  """The UNetConfig fields ``conditions`` need: cond_image_channels and image_embed_dim."""
+  """The UNetConfig fields ``conditions`` need: cond_image_channels, image_embed_dim and
+  micro_cond_dim."""
   channels = sum(c.width for c in conditions if c.input_name == "cond_image")
   embeds = [c.width for c in conditions if c.input_name == "image_embed"]
   if len(embeds) > 1:
     raise ValueError("a stage takes at most one image embedding condition.")
-  return {"cond_image_channels": channels, "image_embed_dim": embeds[0] if embeds else None}
+  micro = sum(c.width for c in conditions if c.input_name == "micro_cond")
+  return {"cond_image_channels": channels, "image_embed_dim": embeds[0] if embeds else None,
+          "micro_cond_dim": micro}
 
 
 def from_json(d: dict | None, encoder=None):
@@ -244,5 +302,7 @@ def from_json(d: dict | None, encoder=None):
     return MaskedImage(**d)
   if kind == "image_embed":
     return ImageEmbedding(encoder=encoder, **d)
-  raise ValueError(f"unknown condition kind {kind!r} (input_image, masked_image or "
-                   "image_embed)")
+  if kind == "micro":
+    return MicroConditioning(**d)
+  raise ValueError(f"unknown condition kind {kind!r} (input_image, masked_image, "
+                   "image_embed or micro)")

@@ -298,6 +298,8 @@ def data_factory(config: ml_collections.ConfigDict, dataset: str | None = None):
       resolution=d.resolution, lowres_resolution=d.lowres_resolution, crop=d.crop,
       global_batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True,
       paired_image_keys=instruct_builders.paired_image_keys(config))
+  if d.crop == "random_rescale":
+    kwargs["max_rescale"] = d.get("max_rescale", 1.5)
 
   def make():
     return pipeline.InputPipeline(**kwargs)

@@ -34,6 +34,17 @@ def conditions(config: ml_collections.ConfigDict, channels: int = 3) -> tuple:
   channels (the U-Net's in_channels: a latent's for latent stages), without loading
   anything (an image embedding has no encoder yet: ``for_training`` adds it)."""
   name = kind(config)
+  c = _section(config)
+  micro = ()
+  if c is not None and c.get("micro", False):
+    if config.data.crop != "random_rescale":
+      raise ConfigError("config.conditioning.micro=True conditions on each training crop's "
+                        "size and offsets: set config.data.crop='random_rescale'.")
+    micro = (conditioning.MicroConditioning(),)
+  return _kind_conditions(config, name, channels) + micro
+
+
+def _kind_conditions(config, name: str, channels: int) -> tuple:
   if name == "none":
     return ()
   c = _section(config)

@@ -202,7 +202,8 @@ def _needed_condition(command: str, f) -> str | None:
 
 
 def _check_stage(command: str, f, stage) -> None:
-  have = (stage.conditioning or {}).get("kind")
+  kinds = [d["kind"] for d in stage.conditioning if d["kind"] != "micro"]
+  have = kinds[0] if kinds else None
   need = _needed_condition(command, f)
   if have == need:
     return

@@ -161,7 +161,7 @@ def training_stage(workdir: str, config: ml_collections.ConfigDict,
 
   conditions = conditioning_builders.conditions(config, model_cfg.in_channels)
   return cascade.Stage(model, params, spec, latent_builders.stage_kind(config),
-                       conditions[0].to_json() if conditions else None), step
+                       tuple(c.to_json() for c in conditions)), step
 
 
 def _stage_sources(workdirs, exported) -> list:
@@ -452,10 +452,11 @@ def prepare_cascade(*, workdirs=(), stages=(), clip_guidance_scale: float = 0.0,
   cascade, described, text_meta = load_cascade(
       workdirs, stages, checkpoint_steps=checkpoint_steps, per_stage=per_stage)
   for source, stage in zip(_stage_sources(workdirs, stages), cascade.stages, strict=True):
-    if stage.conditioning:
-      kind = stage.conditioning["kind"]
-      raise UserError(f"{source} is conditioned on {kind} as well as text: sample it with "
-                      f"{CONDITIONED_TOOLS.get(kind, 'the tool of that condition')}.")
+    for described in stage.conditioning:
+      kind = described["kind"]
+      if kind in CONDITIONED_TOOLS:
+        raise UserError(f"{source} is conditioned on {kind} as well as text: sample it with "
+                        f"{CONDITIONED_TOOLS[kind]}.")
   cascade.clip_guide = guide
   return cascade, described, text_meta
 

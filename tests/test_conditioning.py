@@ -38,7 +38,8 @@ def _init(cfg, key=0):
 
 
 def test_unet_conditions_reach_the_output_and_bad_inputs_are_refused():
-  cfg = _config(cond_image_channels=4, image_embed_dim=5, image_embed_tokens=2)
+  cfg = _config(cond_image_channels=4, image_embed_dim=5, image_embed_tokens=2,
+                micro_cond_dim=4)
   model, params = _init(cfg)
   inputs = unet_lib.example_inputs(cfg, 2)
   assert inputs["cond_image"].shape == (2, 16, 16, 4) and inputs["image_embed"].shape == (2, 5)
@@ -50,6 +51,8 @@ def test_unet_conditions_reach_the_output_and_bad_inputs_are_refused():
   other_embed = dict(inputs, image_embed=jax.random.normal(key, inputs["image_embed"].shape))
   assert float(jnp.abs(apply(params, **other_image) - out).max()) > 1e-3
   assert float(jnp.abs(apply(params, **other_embed) - out).max()) > 1e-3
+  cropped = dict(inputs, micro_cond=jnp.asarray([[24.0, 24.0, 8.0, 0.0]] * 2))
+  assert float(jnp.abs(apply(params, **cropped) - out).max()) > 1e-3
   with pytest.raises(ValueError, match="cond_image of shape"):
     model.apply(params, **dict(inputs, cond_image=None))
   with pytest.raises(ValueError, match="image_embed of shape"):
@@ -61,6 +64,7 @@ def test_unet_conditions_reach_the_output_and_bad_inputs_are_refused():
                 cond_image=inputs["cond_image"])
   # Without the new fields the parameter tree is the one checkpoints already hold.
   assert "image_embed_proj" not in plain_params["params"]
+  assert "micro_cond_in" not in plain_params["params"]
   assert plain_params["params"]["stem"]["kernel"].shape[2] == 3
 
 
@@ -95,9 +99,10 @@ def test_masked_input_and_dropout_closed_forms():
   assert abs(float(kept.mean()) - 0.7) < 0.035  # 3.4 sigma
   with pytest.raises(ValueError, match="drop_prob"):
     conditioning.InputImage(drop_prob=1.5)
-  cond = (conditioning.InputImage(), conditioning.MaskedImage())
+  cond = (conditioning.InputImage(), conditioning.MaskedImage(),
+          conditioning.MicroConditioning())
   assert conditioning.unet_requirements(cond) == {"cond_image_channels": 7,
-                                                  "image_embed_dim": None}
+                                                  "image_embed_dim": None, "micro_cond_dim": 4}
   for c in (*cond, conditioning.ImageEmbedding(dim=8, source="clip")):
     assert conditioning.from_json(c.to_json()).to_json() == c.to_json()
 
@@ -218,3 +223,56 @@ def test_inpainting_stage_from_its_config_edits_and_is_refused_where_it_cannot_r
   stage = sampling.load_cascade([str(workdir)])[0].stages[0]
   with pytest.raises(UserError, match="conditioned on masked_image"):
     edit._check_stage("inpaint", type("F", (), {"method": "repaint", "workdir": "w"}), stage)
+
+
+def test_the_cascade_samples_a_micro_conditioned_stage_uncropped_and_refuses_other_inputs():
+  cfg = _config(micro_cond_dim=4)
+  model, params = _init(cfg)
+  spec = cascade.StageSpec(resolution=16, num_steps=2, guidance_scale=2.0)
+  stage = cascade.Stage(model, params["params"], spec,
+                        conditioning=(conditioning.MicroConditioning().to_json(),))
+  np.testing.assert_array_equal(stage.sampling_inputs(2)["micro_cond"], [[16, 16, 0, 0]] * 2)
+  text = th.HashText()
+  out = cascade.Cascade([stage], text).sample(["a red circle", "a star"], jax.random.key(0))[0]
+  emb, mask = text.encode(["a red circle", "a star"])
+  null_emb, null_mask = text.encode([""])
+  null = {"text_emb": jnp.asarray(null_emb[0]), "text_mask": jnp.asarray(null_mask[0])}
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), i))(
+      jnp.arange(2, dtype=jnp.uint32))
+  want = cascade.sample_stage(
+      model, params["params"], jnp.asarray(emb), jnp.asarray(mask), null, keys, spec.grid(),
+      image_shape=(16, 16, 3), parameterization="v", guidance_scale=2.0,
+      extra_cond={"micro_cond": conditioning.uncropped(2, 16)})
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  masked = dataclasses.replace(stage, conditioning=(conditioning.MaskedImage().to_json(),))
+  with pytest.raises(ValueError, match="conditioned on masked_image"):
+    masked.sampling_inputs(2)
+
+
+def test_config_switches_build_the_conditions_and_bad_values_get_one_line():
+  import builders
+  import conditioning_builders
+
+  from configs import demo_base
+
+  config = demo_base.get_config("smoke")
+  assert conditioning_builders.conditions(config) == ()
+  config.conditioning.micro = True
+  with pytest.raises(builders.ConfigError, match="crop='random_rescale'"):
+    conditioning_builders.conditions(config)
+  config.data.crop = "random_rescale"
+  config.conditioning.kind = "masked_image"
+  config.conditioning.drop_prob = 0.2
+  assert conditioning_builders.conditions(config) == (
+      conditioning.MaskedImage(drop_prob=0.2), conditioning.MicroConditioning())
+  cfg = conditioning_builders.stage_unet_config(config, builders.unet_config(config))
+  assert (cfg.cond_image_channels, cfg.micro_cond_dim, cfg.image_embed_dim) == (4, 4, None)
+  config.conditioning.kind = "image_embed"
+  with pytest.raises(builders.ConfigError, match="embed_dim"):
+    conditioning_builders.conditions(config)
+  config.conditioning.kind = "depth"
+  with pytest.raises(builders.ConfigError, match="conditioning.kind='depth'"):
+    conditioning_builders.conditions(config)
+  config.conditioning.kind, config.conditioning.drop_prob = "input_image", 2.0
+  with pytest.raises(builders.ConfigError, match="drop_prob must lie in"):
+    conditioning_builders.conditions(config)

@@ -217,6 +217,29 @@ def test_random_crop_and_resize(shapes_dir):
   assert batch["image"].shape == (8, 16, 16, 3)
 
 
+def test_random_rescale_crops_report_their_size_and_offsets(shapes_dir):
+  from diffusion_jax.data.pipeline import resize_shorter_side, to_unit_range
+
+  batch = next(_pipeline(shapes_dir, resolution=16, crop="random_rescale", max_rescale=2.0,
+                         shuffle=False, passthrough_keys=["attributes"]))
+  micro = batch["micro_cond"]
+  assert micro.shape == (8, 4) and micro.dtype == np.float32
+  assert np.all(micro[:, 0] == micro[:, 1])  # square images stay square
+  assert np.all((micro[:, 0] >= 16) & (micro[:, 0] <= 32))
+  assert np.all(micro[:, 2:] >= 0) and np.all(micro[:, 2:] <= micro[:, :2] - 16)
+  assert len(set(micro[:, 0].tolist())) > 1  # the scale varies
+  # Each crop is the rescaled image at the reported offsets.
+  source = _pipeline(shapes_dir, resolution=32, shuffle=False)
+  originals = next(source)["image"]
+  for image, original, (h, w, top, left) in zip(batch["image"], originals, micro, strict=True):
+    pixels = ((original + 1) * 127.5).round().astype(np.uint8)
+    rescaled = resize_shorter_side(pixels, int(h))
+    crop = to_unit_range(rescaled[int(top):int(top) + 16, int(left):int(left) + 16])
+    np.testing.assert_allclose(image, crop, atol=1e-6)
+  with pytest.raises(ValueError, match="max_rescale"):
+    _pipeline(shapes_dir, crop="random_rescale", max_rescale=0.5)
+
+
 def test_restore_state_mid_epoch(shapes_dir):
   pipeline = _pipeline(shapes_dir, crop="random", resolution=24, lowres_resolution=12)
   for _ in range(3):

@@ -77,3 +77,15 @@ def test_bad_names_and_mismatched_keys_say_what_to_fix(data_dir):
     edit_pairs_tfds.config_from_name("32px")
   with pytest.raises(ValueError, match="paired_image_keys='mask' is not a feature"):
     _pipeline(data_dir, paired_image_keys=["mask"])
+
+
+def test_random_rescale_resizes_and_crops_both_images_alike(data_dir):
+  size = 12
+  batch = next(iter(_pipeline(data_dir, resolution=size, crop="random_rescale",
+                              max_rescale=2.0, seed=1)))
+  for i in range(len(batch["caption"])):
+    pair = edit_pairs.pair_from_json(batch["attributes"][i], RES)
+    side, _, top, left = (int(v) for v in batch["micro_cond"][i])
+    for key, image in (("image", pair.after_image), ("input_image", pair.before_image)):
+      want = pipeline.resize_shorter_side(image, side)[top:top + size, left:left + size]
+      np.testing.assert_array_equal(batch[key][i], pipeline.to_unit_range(want), key)

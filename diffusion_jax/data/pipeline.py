@@ -37,7 +37,10 @@ from PIL import Image
 # imported to register their builders
 from diffusion_jax.data import edit_pairs_tfds, real_tfds, shapes_tfds
 
-CROPS = ("center", "random")
+# random_rescale: SDXL's training crops (Podell et al. 2023, section 2.2): the shorter side
+# rescaled to resolution * U[1, max_rescale], then a random crop; the batch gets
+# "micro_cond" = (height, width, top, left) of that crop in pixels.
+CROPS = ("center", "random", "random_rescale")
 # PIL's bicubic resize widens its kernel when downsampling, so it is antialiased.
 _RESAMPLE = Image.Resampling.BICUBIC
 
@@ -161,6 +164,7 @@ class InputPipeline:
     <key>:     float32 [B, resolution, resolution, 3] in [-1, 1] for each of
                ``paired_image_keys``: other image features of the example, resized and
                cropped exactly as "image" (e.g. InstructPix2Pix's "input_image")
+    "micro_cond": float32 [B, 4] with crop="random_rescale" (see CROPS)
     plus the passthrough features (default: every numeric scalar feature, e.g. "label", and
     for the shapes dataset "attributes": [B] of JSON str, see the module docstring).
   """
@@ -169,6 +173,7 @@ class InputPipeline:
                split: str = "train", image_key: str = "image", caption_key: str | None = None,
                label_key: str | None = None, caption_template: str = "a photo of a {label}",
                resolution: int, lowres_resolution: int | None = None, crop: str = "center",
+               max_rescale: float = 1.5,
                global_batch_size: int, seed: int = 0, shuffle: bool = True,
                num_epochs: int | None = None, drop_remainder: bool = True,
                process_index: int | None = None, process_count: int | None = None,
@@ -186,6 +191,8 @@ class InputPipeline:
                        f"process_count {process_count} (each process reads an equal share).")
     if crop not in CROPS:
       raise ValueError(f"crop must be one of {CROPS}, got {crop!r}.")
+    if not max_rescale >= 1.0:
+      raise ValueError(f"max_rescale must be >= 1, got {max_rescale}.")
     if resolution <= 0 or (lowres_resolution is not None
                            and not 0 < lowres_resolution <= resolution):
       raise ValueError(f"need resolution > 0 and 0 < lowres_resolution <= resolution, got "
@@ -220,6 +227,7 @@ class InputPipeline:
     self._paired_image_keys = tuple(paired_image_keys)
     self._caption_template = caption_template
     self._resolution, self._lowres_resolution, self._crop = resolution, lowres_resolution, crop
+    self._max_rescale = max_rescale
     self._passthrough_dtypes = {k: np.dtype(features[k].np_dtype) for k in passthrough_keys}
     self.batch_size = global_batch_size // process_count
     self.num_examples = len(range(process_index, len(source), process_count))
@@ -230,6 +238,8 @@ class InputPipeline:
         "process_count": process_count, "num_epochs": num_epochs, "resolution": resolution,
         "lowres_resolution": lowres_resolution, "crop": crop,
         **({"paired_image_keys": list(paired_image_keys)} if paired_image_keys else {})}
+    if crop == "random_rescale":
+      self._fingerprint["max_rescale"] = max_rescale
 
     dataset = grain.MapDataset.source(source)[process_index::process_count]
     if shuffle:
@@ -262,15 +272,22 @@ class InputPipeline:
       paired = {k: resize_shorter_side(v, size) for k, v in paired.items()}
       top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
     else:
-      if min(image.shape[:2]) < size:
+      if self._crop == "random_rescale":
+        rescaled = int(round(size * rng.uniform(1.0, self._max_rescale)))
+        image = resize_shorter_side(image, rescaled)
+        paired = {k: resize_shorter_side(v, rescaled) for k, v in paired.items()}
+      elif min(image.shape[:2]) < size:
         image = resize_shorter_side(image, size)
         paired = {k: resize_shorter_side(v, size) for k, v in paired.items()}
       top = int(rng.integers(image.shape[0] - size + 1))
       left = int(rng.integers(image.shape[1] - size + 1))
+    micro = np.asarray([image.shape[0], image.shape[1], top, left], np.float32)
     image = image[top:top + size, left:left + size]
     out = {"image": to_unit_range(image)}
     for key, other in paired.items():
       out[key] = to_unit_range(other[top:top + size, left:left + size])
+    if self._crop == "random_rescale":
+      out["micro_cond"] = micro
     if self._lowres_resolution is not None:
       out["lowres"] = to_unit_range(downsample(image, self._lowres_resolution))
     if self._caption_key is not None:

@@ -146,6 +146,17 @@ def logsnr_features(logsnr: jnp.ndarray, dim: int, max_period: float = 10_000.0)
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
+def sinusoidal_features(x: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
+  """Transformer position features [..., dim] of real values [...] (no scaling or clipping:
+  pixel counts, as SDXL embeds sizes and crop offsets)."""
+  if dim % 2:
+    raise ValueError(f"sinusoidal feature width must be even, got {dim}")
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = jnp.asarray(x, jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
 class NoiseLevelEmbedding(nn.Module):
   """log-SNR [B] -> sinusoidal features -> 2-layer SiLU MLP -> [B, out_dim]."""
 

@@ -64,6 +64,7 @@ class UNetConfig:
     cond_image_channels: channels of ``cond_image`` (0: no such input).
     image_embed_dim: width of ``image_embed`` (None: no such input); it becomes
       ``image_embed_tokens`` context tokens besides its pooled projection.
+    micro_cond_dim: number of ``micro_cond`` values (0: no such input).
     remat: rematerialise every block in the backward pass (``nn.remat``): activation
       memory of one block instead of all, for about one more forward pass of compute.
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
@@ -89,6 +90,7 @@ class UNetConfig:
   cond_image_channels: int = 0
   image_embed_dim: int | None = None
   image_embed_tokens: int = 4
+  micro_cond_dim: int = 0
   remat: bool = False
   dtype: str = "float32"
   conv_impl: str = "xla"
@@ -133,7 +135,7 @@ class ResAttentionBlock(nn.Module):
 
 
 def _check_inputs(config: UNetConfig, x_t, logsnr, text_emb, text_mask, lowres, lowres_logsnr,
-                  cond_image, image_embed):
+                  cond_image, image_embed, micro_cond=None):
   """Raises one readable ValueError for inputs the network cannot take."""
   if x_t.ndim != 4:
     raise ValueError(f"x_t must be NHWC [B, H, W, C], got shape {x_t.shape}")
@@ -171,18 +173,25 @@ def _check_inputs(config: UNetConfig, x_t, logsnr, text_emb, text_mask, lowres, 
       raise ValueError(f"this U-Net takes image_embed of shape {want}, got {got}")
   elif image_embed is not None:
     raise ValueError("image_embed given to a U-Net built without image_embed_dim")
+  if config.micro_cond_dim:
+    want = (batch, config.micro_cond_dim)
+    if micro_cond is None or micro_cond.shape != want:
+      got = None if micro_cond is None else micro_cond.shape
+      raise ValueError(f"this U-Net takes micro_cond of shape {want}, got {got}")
+  elif micro_cond is not None:
+    raise ValueError("micro_cond given to a U-Net built with micro_cond_dim=0")
 
 
 class UNet(nn.Module):
   """Imagen's Efficient U-Net; see the module docstring.
 
   Call: ``UNet(config).apply(variables, x_t, logsnr, text_emb, text_mask, lowres=None,
-  lowres_logsnr=None, cond_image=None, image_embed=None, train=False,
+  lowres_logsnr=None, cond_image=None, image_embed=None, micro_cond=None, train=False,
   rngs={'dropout': key})`` with
     x_t [B, H, W, C] in about [-1, 1], logsnr [B], text_emb [B, L, D], text_mask [B, L]
     bool, lowres [B, h, w, C] and lowres_logsnr [B] for super-resolution stages,
-    cond_image [B, H, W, cond_image_channels] and image_embed [B, image_embed_dim] when
-    the config has them;
+    cond_image [B, H, W, cond_image_channels], image_embed [B, image_embed_dim] and
+    micro_cond [B, micro_cond_dim] when the config has them;
   returns the prediction [B, H, W, out_channels] in x_t's dtype.
   """
 
@@ -190,12 +199,12 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x_t, logsnr, text_emb, text_mask, lowres=None, lowres_logsnr=None,
-               cond_image=None, image_embed=None, *, train: bool = False):
+               cond_image=None, image_embed=None, micro_cond=None, *, train: bool = False):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     logsnr = jnp.asarray(logsnr)
     _check_inputs(cfg, x_t, logsnr, text_emb, text_mask, lowres, lowres_logsnr, cond_image,
-                  image_embed)
+                  image_embed, micro_cond)
     text_mask = text_mask.astype(bool)
     emb_dim = cfg.embedding_dim
 
@@ -222,6 +231,12 @@ class UNet(nn.Module):
       context = nn.with_logical_constraint(context, layers.TOKEN_AXES)
       text_mask = jnp.concatenate(
           [text_mask, jnp.ones((text_mask.shape[0], cfg.image_embed_tokens), bool)], axis=1)
+    if cfg.micro_cond_dim:
+      feats = layers.sinusoidal_features(micro_cond, cfg.base_channels)
+      feats = feats.reshape(feats.shape[0], -1).astype(dtype)
+      micro = layers.dense(emb_dim, "embed", "mlp", dtype, name="micro_cond_in")(feats)
+      cond = cond + layers.dense(emb_dim, "mlp", "embed", dtype,
+                                 name="micro_cond_out")(nn.silu(micro))
     h = x_t
     if cfg.super_resolution:
       # Antialiased bilinear resize: upsampling is plain bilinear, a smaller target
@@ -287,6 +302,8 @@ def example_inputs(config: UNetConfig, batch: int = 1, resolution: int | None = 
     args["cond_image"] = jnp.zeros((batch, res, res, config.cond_image_channels), jnp.float32)
   if config.image_embed_dim is not None:
     args["image_embed"] = jnp.zeros((batch, config.image_embed_dim), jnp.float32)
+  if config.micro_cond_dim:
+    args["micro_cond"] = jnp.zeros((batch, config.micro_cond_dim), jnp.float32)
   return args
 
 

@@ -189,6 +189,8 @@ def init_inputs(model_cfg, resolution: int, lowres_resolution: int | None,
     inputs["cond_image"] = jnp.zeros((1, resolution, resolution, model_cfg.cond_image_channels))
   if getattr(model_cfg, "image_embed_dim", None) is not None:
     inputs["image_embed"] = jnp.zeros((1, model_cfg.image_embed_dim))
+  if getattr(model_cfg, "micro_cond_dim", 0):
+    inputs["micro_cond"] = jnp.zeros((1, model_cfg.micro_cond_dim))
   return inputs
 
 
