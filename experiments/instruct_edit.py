@@ -109,10 +109,28 @@ def editor(stage, encoder):
   null_text = {"text_emb": jnp.asarray(null_emb[0]), "text_mask": jnp.asarray(null_mask[0])}
   grid = spec.grid()
 
+  from diffusion_jax import conditioning as conditioning_lib
+
+  others = [d for d in stage.conditioning if d["kind"] != "input_image"]
+
+  def other_inputs(batch: int) -> dict:
+    """The stage's other conditions (e.g. SDXL's micro-conditioning) at their sampling
+    defaults, the same in all three guidance terms."""
+    out = {}
+    for described in others:
+      default = conditioning_lib.sampling_default(described, batch, spec.resolution)
+      if default is None:
+        raise UserError(f"this stage is also conditioned on {described['kind']}, which "
+                        "instruct cannot give it.")
+      out.update(default)
+    return out
+
   @jax.jit
   def run(images, text_emb, text_mask, keys, image_scale, text_scale):
+    extra = other_inputs(images.shape[0])
     cond, image_only, null = dual_guidance.instruct_conditions(
-        images, {"text_emb": text_emb, "text_mask": text_mask}, null_text)
+        images, {"text_emb": text_emb, "text_mask": text_mask, **extra},
+        {**null_text, **extra})
     model_fn = guidance.thresholded(
         dual_guidance.dual_classifier_free(net, cond, image_only, null, text_scale,
                                            image_scale),

@@ -72,7 +72,7 @@ def test_the_stage_trains_on_edit_pairs_with_its_input_image(workdir, loaded):
   assert config["data"]["dataset"] == "shapes_edits"
   # The U-Net's stem took the input image's channels beside x_t.
   assert loaded[0].model.config.cond_image_channels == 3
-  assert loaded[0].conditioning["kind"] == "input_image"
+  assert [c["kind"] for c in loaded[0].conditioning] == ["input_image"]
 
 
 def test_instruct_runs_end_to_end_at_a_grid_of_scales(workdir, loaded, tmp_path):
