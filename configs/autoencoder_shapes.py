@@ -26,6 +26,7 @@ def get_config(arg=None):
   a.norm_num_groups = 16
   a.l1_weight, a.l2_weight, a.kl_weight = 1.0, 0.0, 1e-6
   a.scale_batches = 8
+  a.probe_scenes = 300  # the probe on 300 real images per split and their reconstructions
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 50
   c.train.batch_size = 16
@@ -39,4 +40,5 @@ def get_config(arg=None):
     c.train.num_steps = 2
     c.train.log_every = 1
     a.scale_batches = 1
+    a.probe_scenes = 0
   return c

@@ -146,6 +146,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.autoencoder.l2_weight = 0.0         # and mean (x - x')^2
   c.autoencoder.kl_weight = 1e-6        # KL summed over latents / pixel values (LDM's ratio)
   c.autoencoder.scale_batches = 8       # batches the latent scale factor / PSNR are taken on
+  # shapes only: the probe's accuracy on this many real validation / test_compositional
+  # images and on their reconstructions, into autoencoder.json (0: skip)
+  c.autoencoder.probe_scenes = 0
 
   # Conditions besides the text (diffusion_jax/conditioning.py): "none"; "input_image"
   # (InstructPix2Pix: the dataset's input_image concatenated with x_t, dropped with

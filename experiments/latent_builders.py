@@ -52,8 +52,65 @@ def run_autoencoder_training(config: ml_collections.ConfigDict, workdir: str) ->
   except ValueError as e:
     raise ConfigError(str(e)) from None
   factory = builders.data_factory(config)
-  return ae_train.train(workdir, config=ae_cfg, loop=loop, loss=loss, optimizer=optimizer,
-                        data_factory=factory, config_json=config.to_dict())
+  report = ae_train.train(workdir, config=ae_cfg, loop=loop, loss=loss, optimizer=optimizer,
+                          data_factory=factory, config_json=config.to_dict())
+  scenes = a.get("probe_scenes", 0)
+  if scenes and "export" in report and builders.dataset_name(config).startswith("shapes"):
+    report = _add_probe_report(workdir, report, config.data.resolution, scenes)
+  return report
+
+
+def reconstructions_fn(autoencoder: ae.PretrainedAutoencoder, batch_size: int = 100):
+  """uint8 images [N, R, R, 3] -> their reconstructions (posterior mean, decoded), uint8."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from diffusion_jax import images as images_lib
+
+  model = autoencoder.model
+
+  @jax.jit
+  def roundtrip(params, x):
+    return jnp.clip(ae.decode_fn(model, params)(ae.encode_fn(model, params)(x)), -1, 1)
+
+  def reconstruct(images):
+    out = []
+    for start in range(0, len(images), batch_size):
+      x = jnp.asarray(images[start:start + batch_size], jnp.float32) / 127.5 - 1.0
+      out.append(images_lib.to_uint8(np.asarray(roundtrip(autoencoder.params, x))))
+    return np.concatenate(out)
+
+  return reconstruct
+
+
+def probe_on_reconstructions(directory: str, resolution: int, scenes: int, probe=None) -> dict:
+  """The shapes probe's per-attribute accuracy on ``scenes`` real validation and
+  test_compositional images at ``resolution`` and on their reconstructions by the
+  autoencoder in ``directory``: {"real": ..., "reconstructed": ...}."""
+  from diffusion_jax.evaluation import probe as probe_lib
+  from diffusion_jax.evaluation import probe_accuracy
+
+  probe = probe or probe_lib.load_or_train(log=print)
+  plan = ((resolution, scenes),)
+  return {"real": probe_accuracy.measure(probe, plan),
+          "reconstructed": probe_accuracy.measure(
+              probe, plan, transform=reconstructions_fn(load_autoencoder(directory)))}
+
+
+def _add_probe_report(workdir: str, report: dict, resolution: int, scenes: int) -> dict:
+  import json
+  import pathlib
+
+  from diffusion_jax.evaluation import probe_accuracy
+
+  accuracy = probe_on_reconstructions(report["export"], resolution, scenes)
+  for name in ("real", "reconstructed"):
+    print(f"probe on {name} images: {probe_accuracy.summary(accuracy[name])}")
+  report = dict(report, probe_accuracy=accuracy)
+  path = pathlib.Path(workdir) / "autoencoder.json"
+  path.write_text(json.dumps(report, indent=2))
+  return report
 
 
 def load_autoencoder(directory: str, mesh=None, rules=None) -> ae.PretrainedAutoencoder:

@@ -78,6 +78,27 @@ def test_autoencoder_trains_two_steps_and_stores_its_scale_factor(trained_autoen
   np.testing.assert_allclose(psnr0, 10 * np.log10(4 / mse), rtol=1e-5)
 
 
+def test_the_probe_reads_the_autoencoders_reconstructions(trained_autoencoder):
+  from probe_helpers import tiny_probe
+
+  from diffusion_jax.evaluation import probe_accuracy
+
+  workdir, _ = trained_autoencoder
+  directory = str(workdir / ae_train.EXPORT_DIR)
+  probe = tiny_probe()[0]
+  images, _ = probe_accuracy.real_examples("validation", 8, RES)
+  recon = latent_builders.reconstructions_fn(ae.load_diffusers(directory), batch_size=4)(images)
+  assert recon.shape == images.shape and recon.dtype == np.uint8
+  assert np.abs(recon.astype(int) - images).max() > 0  # (a two-step autoencoder is lossy)
+  report = latent_builders.probe_on_reconstructions(directory, RES, 8, probe=probe)
+  assert report["real"] == probe_accuracy.measure(probe, ((RES, 8),))
+  # The reconstructed entry is the probe's reading of those reconstructions.
+  entry = report["reconstructed"][f"validation@{RES}px"]
+  _, specs = probe_accuracy.real_examples("validation", 8, RES)
+  assert entry == {**probe_accuracy.attribute_accuracy(probe.read(recon), specs),
+                   "num_images": 8}
+
+
 def _latent_config(directory):
   config = latent_shapes.get_config("smoke")
   config.autoencoder.directory = str(directory)

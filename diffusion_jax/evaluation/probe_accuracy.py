@@ -37,13 +37,17 @@ def attribute_accuracy(readings, specs) -> dict[str, float]:
   return {name: float(np.mean(hits[name])) for name in judge.ATTRIBUTES if name in hits}
 
 
-def measure(probe, plan=DEFAULT_PLAN) -> dict:
+def measure(probe, plan=DEFAULT_PLAN, transform=None) -> dict:
   """{"<split>@<R>px": {attribute: accuracy, "num_images": N}} for every split and plan
-  entry."""
+  entry. ``transform``: uint8 images [N, R, R, 3] -> uint8 images of that shape, applied
+  before the probe reads them (e.g. an autoencoder's reconstructions: what a latent
+  stage can at best give the probe)."""
   out = {}
   for resolution, num in plan:
     for split in SPLITS:
       images, specs = real_examples(split, num, resolution)
+      if transform is not None:
+        images = transform(images)
       acc = attribute_accuracy(probe.read(images), specs)
       out[f"{split}@{resolution}px"] = {**acc, "num_images": num}
   return out
