@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test test-all demo data-real real-results lint bench bench-peer clean
+.PHONY: test test-all demo data-real real-results instruct-results lint bench bench-peer clean
 
 $(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,16 @@ real-results: $(STAMP)
 	  --workdirs=runs/convergence/emoji/emoji_base,runs/real_data/emoji_sr --images_per_prompt=1 \
 	  --max_prompts=96 --fd_images=100 --steps=50,25 --guidance_scale=3,1 \
 	  --outdir=$(REAL)/emoji/eval
+
+# InstructPix2Pix on the shapes world (README "InstructPix2Pix"): the image-conditioned
+# stage trained for its 12-minute budget (shapes_edits prepared into data/ on first use),
+# then 200 held-out edit pairs edited at four (s_I, s_T) pairs and scored by the probe
+# (runs/instruct/eval/instruct_eval.md). About 20 minutes on an idle 2-core machine.
+instruct-results: $(STAMP)
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/train.py \
+	  --config=configs/instruct_shapes.py --workdir=runs/instruct
+	$(PY) experiments/edit.py instruct-eval --workdir=runs/instruct --num_pairs=200 \
+	  --image_guidance=1,1.5 --text_guidance=3,7.5 --steps=25 --outdir=runs/instruct/eval
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -223,6 +223,10 @@ def text_encoder(config: ml_collections.ConfigDict, mesh=None):
 def dataset_name(config: ml_collections.ConfigDict) -> str:
   """The TFDS name to read; for the built-in shapes dataset, prepared first if missing."""
   d = config.data
+  import instruct_builders  # the edit pairs an InstructPix2Pix stage trains on
+
+  if d.dataset == instruct_builders.DATASET:
+    return instruct_builders.dataset_name(config)
   if d.dataset != "shapes":
     return real_dataset_name(config) if _is_real_dataset(d.dataset) else d.dataset
   from diffusion_jax.data import multihost, shapes_tfds
@@ -281,6 +285,8 @@ def data_factory(config: ml_collections.ConfigDict, dataset: str | None = None):
 
   ``dataset``: ``dataset_name(config)`` if already known (it may prepare the data).
   """
+  import instruct_builders  # an input_image stage reads the dataset's input images too
+
   from diffusion_jax.data import pipeline
 
   d = config.data
@@ -290,7 +296,8 @@ def data_factory(config: ml_collections.ConfigDict, dataset: str | None = None):
       caption_key=None if d.label_key is not None else d.caption_key,
       label_key=d.label_key, caption_template=d.caption_template,
       resolution=d.resolution, lowres_resolution=d.lowres_resolution, crop=d.crop,
-      global_batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True)
+      global_batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True,
+      paired_image_keys=instruct_builders.paired_image_keys(config))
   if d.crop == "random_rescale":
     kwargs["max_rescale"] = d.get("max_rescale", 1.5)
 

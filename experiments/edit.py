@@ -11,6 +11,11 @@ before / after grid (and edit.json) to --outdir.
       --target="a blue circle" --outdir=runs/edit
   python experiments/edit.py textual-inversion --workdir=runs/demo/base \
       --images=concept/*.png --token="<s*>" --init_word=shape --outdir=runs/ti
+  python experiments/edit.py instruct --workdir=runs/instruct --image=in.png \
+      --prompt="make the circle red" --image_guidance=1,1.5 --text_guidance=3,7.5 \
+      --outdir=runs/edit
+  python experiments/edit.py instruct-eval --workdir=runs/instruct --num_pairs=200 \
+      --outdir=runs/instruct_eval
 
 sdedit: SDEdit (Meng et al. 2022) at each --strength in (0, 1]. inpaint: the known-region
 wrapper (--method=replace, any sampler), RePaint with resampling jumps (--method=repaint),
@@ -23,6 +28,10 @@ cross-attention maps for the first --replace_fraction of the steps (--reweight=w
 re-weights a target word). textual-inversion: learns --token's embedding from --images
 (all else frozen), writes learned_embeds.safetensors (diffusers' format) and samples
 --prompt with it; --embedding=FILE loads such a file for the other sub-commands.
+instruct / instruct-eval: InstructPix2Pix (Brooks et al. 2023) with a stage trained by
+configs/instruct_shapes.py: edit --image by the instruction --prompt with dual guidance at
+each (--image_guidance, --text_guidance) pair, or score edits of --num_pairs held-out edit
+pairs with the shapes probe (experiments/instruct_edit.py).
 Bad input stops with one "error: ..." line (exit 2) before anything is loaded.
 """
 
@@ -35,11 +44,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import builders  # noqa: E402
 import cli  # noqa: E402
+import instruct_edit  # noqa: E402
 import sampling  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from cli import UserError  # noqa: E402
 
-COMMANDS = ("sdedit", "inpaint", "inpaint-eval", "p2p", "textual-inversion")
+COMMANDS = ("sdedit", "inpaint", "inpaint-eval", "p2p", "textual-inversion",
+            *instruct_edit.COMMANDS)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir of a base stage.")
@@ -65,12 +76,15 @@ flags.DEFINE_float("learning_rate", 5e-3, "textual-inversion: Adam learning rate
 flags.DEFINE_string("embedding", None, "A learned_embeds.safetensors to load first.")
 flags.DEFINE_integer("num_images", 2, "Images per edit (seeds fold_in(seed, i)).")
 flags.DEFINE_integer("num_cases", 64, "inpaint-eval: object replacements to score.")
-flags.DEFINE_string("probe_path", None, "inpaint-eval: a saved probe file to score with "
-                    "(default: the cached probe, trained on first use).")
+flags.DEFINE_string("probe_path", None, "inpaint-eval / instruct-eval: a saved probe file "
+                    "to score with (default: the cached probe, trained on first use).")
 flags.DEFINE_integer("seed", 0, "Seed of the run.")
 flags.DEFINE_string("sampler", None, "ddpm | ddim | dpmpp_2m | euler | heun.")
 flags.DEFINE_integer("steps", None, "Sampling steps.")
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.")
+flags.DEFINE_list("image_guidance", ["1.5"], "instruct: image guidance scales s_I.")
+flags.DEFINE_list("text_guidance", ["7.5"], "instruct: text guidance scales s_T.")
+flags.DEFINE_integer("num_pairs", 100, "instruct-eval: held-out edit pairs to score.")
 
 
 def _read_png(path: str, what: str, resolution: int | None = None, mode: str = "RGB"):
@@ -96,6 +110,8 @@ def check_flags(command: str, f) -> dict:
                     "(python experiments/edit.py sdedit --workdir=... ...).")
   if not f.workdir or not f.outdir:
     raise UserError("--workdir (a trained base stage) and --outdir are required.")
+  if command in instruct_edit.COMMANDS:
+    return instruct_edit.check_flags(command, f)
   if command != "inpaint-eval" and (not f.prompt or not f.prompt.strip()):
     raise UserError("--prompt is empty; give the prompt to edit towards (for p2p: the "
                     "source prompt).")
@@ -321,6 +337,9 @@ def run(command: str, f) -> pathlib.Path:
   from diffusion_jax.diffusion import samplers
   from diffusion_jax.editing import sdedit
 
+  if command in instruct_edit.COMMANDS:
+    check_flags(command, f)
+    return instruct_edit.run(command, f)
   parsed = check_flags(command, f)
   stage, encoder, described = _load(f)
   _check_stage(command, f, stage)

@@ -33,8 +33,9 @@ DEVICES = 64  # e.g. a TPU v4-128 slice (64 chips)
 
 
 # Arguments besides the default that each small config is also checked with.
-_ARGS = {"demo_base": ("smoke",), "demo_sr": ("smoke",), "unclip_decoder_shapes": ("smoke",),
-         "fashion_mnist": ("smoke",),
+_ARGS = {"demo_base": ("smoke",), "demo_sr": ("smoke",), "fashion_mnist": ("smoke",),
+         "instruct_shapes": ("smoke",), "inpaint_shapes": ("smoke",),
+         "unclip_decoder_shapes": ("smoke",),
          "emoji": ("smoke", "sr", "sr,smoke"),
          # also in tests/test_latent.py
          "autoencoder_shapes": (), "latent_shapes": ()}

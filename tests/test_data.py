@@ -231,7 +231,7 @@ def test_random_rescale_crops_report_their_size_and_offsets(shapes_dir):
   # Each crop is the rescaled image at the reported offsets.
   source = _pipeline(shapes_dir, resolution=32, shuffle=False)
   originals = next(source)["image"]
-  for image, original, (h, w, top, left) in zip(batch["image"], originals, micro, strict=True):
+  for image, original, (h, _w, top, left) in zip(batch["image"], originals, micro, strict=True):
     pixels = ((original + 1) * 127.5).round().astype(np.uint8)
     rescaled = resize_shorter_side(pixels, int(h))
     crop = to_unit_range(rescaled[int(top):int(top) + 16, int(left):int(left) + 16])

@@ -48,7 +48,7 @@ def test_an_exact_replacement_scores_one_and_the_unchanged_input_zero():
     exact.append(shapes.render(scene, res))
     exact_reads.append(judge.detections_of_scene(scene))
   summary = inpaint_eval.score(cases, np.stack(exact), _TruthProbe(exact_reads))
-  assert summary["both"]["correct"] == 12
+  assert summary["both"]["correct"] == 12 and summary["colour_placed"]["correct"] == 12
   # The new object stays inside the mask: the kept pixels are the input's.
   assert summary["known_error"] < 1e-3
   originals = [judge.detections_of_scene(
@@ -65,5 +65,6 @@ def test_an_exact_replacement_scores_one_and_the_unchanged_input_zero():
            for d, c in zip(exact_reads, cases, strict=True)]
   far = inpaint_eval.score(cases, np.stack(exact), _TruthProbe(moved))
   assert far["replaced"]["correct"] == 0 and far["removed"]["correct"] == 12
+  assert far["colour_placed"]["correct"] == 0
   table = inpaint_eval.markdown({"exact": summary, "unchanged": unchanged})
   assert "| exact | 1.000" in table and "| unchanged | 0.000" in table

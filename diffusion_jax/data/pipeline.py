@@ -34,7 +34,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from diffusion_jax.data import real_tfds, shapes_tfds  # imported to register their builders
+# imported to register their builders
+from diffusion_jax.data import edit_pairs_tfds, real_tfds, shapes_tfds
 
 # random_rescale: SDXL's training crops (Podell et al. 2023, section 2.2): the shorter side
 # rescaled to resolution * U[1, max_rescale], then a random crop; the batch gets
@@ -47,6 +48,8 @@ _RESAMPLE = Image.Resampling.BICUBIC
 def _prepare_hint(name: str, data_dir: str) -> str:
   if name.startswith("shapes/"):
     return "prepare it with: " + shapes_tfds.prepare_command(data_dir, name.split("/", 1)[1])
+  if name.startswith(edit_pairs_tfds.NAME + "/"):
+    return "prepare it with: " + edit_pairs_tfds.prepare_command(data_dir, name.split("/")[1])
   if real_tfds.is_real_dataset(name):
     return "prepare it with: " + real_tfds.prepare_command(data_dir, name)
   return (f"prepare it with: tfds build {name} --data_dir={data_dir} --file_format=array_record "
@@ -101,7 +104,7 @@ def _is_numeric_scalar(feature) -> bool:
 
 # Text features passed through by default, per dataset: small structured metadata that
 # evaluation needs. Generic text features are not, as they can be large (URLs, alt-texts).
-_DEFAULT_TEXT_PASSTHROUGH = {"shapes": ("attributes",)}
+_DEFAULT_TEXT_PASSTHROUGH = {"shapes": ("attributes",), edit_pairs_tfds.NAME: ("attributes",)}
 
 
 def default_passthrough_keys(name: str, features, image_key: str,
@@ -111,6 +114,20 @@ def default_passthrough_keys(name: str, features, image_key: str,
           and _is_numeric_scalar(features[k])]
   extra = _DEFAULT_TEXT_PASSTHROUGH.get(name.split("/", 1)[0], ())
   return keys + [k for k in extra if k in features and k not in (image_key, caption_key)]
+
+
+def _as_rgb(image: np.ndarray, name: str) -> np.ndarray:
+  """uint8 [H, W] / [H, W, 1|3|4] -> [H, W, 3]."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  elif image.shape[-1] == 4:
+    image = image[..., :3]
+  if image.dtype != np.uint8:
+    raise ValueError(f"{name}: expected uint8 images, got {image.dtype}.")
+  return image
 
 
 def _to_str(value) -> str:
@@ -144,6 +161,9 @@ class InputPipeline:
     "image":   float32 [B, resolution, resolution, 3] in [-1, 1]
     "lowres":  float32 [B, lowres_resolution, lowres_resolution, 3] in [-1, 1], if requested
     "caption": object [B] of python str (the caption feature, or caption_template with {label})
+    <key>:     float32 [B, resolution, resolution, 3] in [-1, 1] for each of
+               ``paired_image_keys``: other image features of the example, resized and
+               cropped exactly as "image" (e.g. InstructPix2Pix's "input_image")
     "micro_cond": float32 [B, 4] with crop="random_rescale" (see CROPS)
     plus the passthrough features (default: every numeric scalar feature, e.g. "label", and
     for the shapes dataset "attributes": [B] of JSON str, see the module docstring).
@@ -157,7 +177,8 @@ class InputPipeline:
                global_batch_size: int, seed: int = 0, shuffle: bool = True,
                num_epochs: int | None = None, drop_remainder: bool = True,
                process_index: int | None = None, process_count: int | None = None,
-               passthrough_keys: Sequence[str] | None = None, num_threads: int = 4,
+               passthrough_keys: Sequence[str] | None = None,
+               paired_image_keys: Sequence[str] = (), num_threads: int = 4,
                prefetch_buffer_size: int = 256):
     if process_index is None or process_count is None:
       import jax  # only when needed: the data code itself does not use JAX
@@ -183,7 +204,8 @@ class InputPipeline:
     source, features, self.name = open_tfds_source(dataset, data_dir, split)
     available = ", ".join(sorted(features.keys()))
     for role, key in (("image_key", image_key), ("caption_key", caption_key),
-                      ("label_key", label_key)):
+                      ("label_key", label_key),
+                      *(("paired_image_keys", k) for k in paired_image_keys)):
       if key is not None and key not in features:
         raise ValueError(f"{role}={key!r} is not a feature of {self.name!r}; its features are: "
                          f"{available}.")
@@ -202,6 +224,7 @@ class InputPipeline:
       raise ValueError(f"Split {split!r} of {self.name!r} is empty.")
 
     self._image_key, self._caption_key, self._label_key = image_key, caption_key, label_key
+    self._paired_image_keys = tuple(paired_image_keys)
     self._caption_template = caption_template
     self._resolution, self._lowres_resolution, self._crop = resolution, lowres_resolution, crop
     self._max_rescale = max_rescale
@@ -213,7 +236,8 @@ class InputPipeline:
         "dataset": self.name, "split": split, "seed": seed, "shuffle": shuffle,
         "global_batch_size": global_batch_size, "process_index": process_index,
         "process_count": process_count, "num_epochs": num_epochs, "resolution": resolution,
-        "lowres_resolution": lowres_resolution, "crop": crop}
+        "lowres_resolution": lowres_resolution, "crop": crop,
+        **({"paired_image_keys": list(paired_image_keys)} if paired_image_keys else {})}
     if crop == "random_rescale":
       self._fingerprint["max_rescale"] = max_rescale
 
@@ -236,30 +260,32 @@ class InputPipeline:
     return self.num_examples // self.batch_size
 
   def _preprocess(self, example: dict, rng: np.random.Generator) -> dict:
-    image = np.asarray(example[self._image_key])
-    if image.ndim == 2:
-      image = image[..., None]
-    if image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
-    elif image.shape[-1] == 4:
-      image = image[..., :3]
-    if image.dtype != np.uint8:
-      raise ValueError(f"{self.name}: expected uint8 images, got {image.dtype}.")
+    image = _as_rgb(example[self._image_key], self.name)
+    paired = {k: _as_rgb(example[k], self.name) for k in self._paired_image_keys}
+    for key, other in paired.items():
+      if other.shape != image.shape:
+        raise ValueError(f"{self.name}: {key} is {other.shape} but {self._image_key} is "
+                         f"{image.shape}; paired images must have one size to share a crop.")
     size = self._resolution
     if self._crop == "center":
       image = resize_shorter_side(image, size)
+      paired = {k: resize_shorter_side(v, size) for k, v in paired.items()}
       top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
     else:
       if self._crop == "random_rescale":
-        image = resize_shorter_side(
-            image, int(round(size * rng.uniform(1.0, self._max_rescale))))
+        rescaled = int(round(size * rng.uniform(1.0, self._max_rescale)))
+        image = resize_shorter_side(image, rescaled)
+        paired = {k: resize_shorter_side(v, rescaled) for k, v in paired.items()}
       elif min(image.shape[:2]) < size:
         image = resize_shorter_side(image, size)
+        paired = {k: resize_shorter_side(v, size) for k, v in paired.items()}
       top = int(rng.integers(image.shape[0] - size + 1))
       left = int(rng.integers(image.shape[1] - size + 1))
     micro = np.asarray([image.shape[0], image.shape[1], top, left], np.float32)
     image = image[top:top + size, left:left + size]
     out = {"image": to_unit_range(image)}
+    for key, other in paired.items():
+      out[key] = to_unit_range(other[top:top + size, left:left + size])
     if self._crop == "random_rescale":
       out["micro_cond"] = micro
     if self._lowres_resolution is not None:

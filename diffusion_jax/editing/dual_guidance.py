@@ -69,3 +69,17 @@ def image_conditioned(cond_model_fn):
     return cond_model_fn(jnp.concatenate([x_t, image], axis=-1), logsnr, rest)
 
   return wrapped
+
+
+def instruct_conditions(input_image, text_cond: dict, null_text: dict, null_image=None,
+                        image_key: str = "cond_image"):
+  """(cond, image_only_cond, null_cond) for ``dual_classifier_free`` from an input image
+  [B, H, W, C] in [-1, 1], the instruction's text condition ({"text_emb": [B, L, D],
+  "text_mask": [B, L]}) and the empty prompt's ({"text_emb": [L, D], "text_mask": [L]}).
+  The null image is zeros unless given (the U-Net's dropped ``cond_image``, as the train
+  step drops it: ``conditioning.InputImage``); ``image_key`` is the U-Net keyword
+  ``cascade.stage_model_fn`` passes it as."""
+  image = jnp.asarray(input_image)
+  null_image = jnp.zeros((), image.dtype) if null_image is None else null_image
+  cond = dict(text_cond, **{image_key: image})
+  return cond, dict(null_text, **{image_key: image}), dict(null_text, **{image_key: null_image})

@@ -18,6 +18,8 @@ or is (``changed_region``).
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 
 import numpy as np
 
@@ -130,3 +132,50 @@ def changed_region(pair: EditPair, resolution: int) -> np.ndarray:
   if pair.edit != "add":
     region |= object_region(pair.before.objects[pair.index], resolution)
   return region
+
+
+# Pair indices from here on are held out of every training split (the TFDS builder's
+# ``validation``; ``held_out_pair``): each index is its own RNG stream, so they share no draw.
+HELD_OUT_START = 1 << 30
+
+
+def held_out_pair(seed: int, index: int, resolution: int) -> EditPair:
+  """Held-out pair ``index`` of seed ``seed`` (validation example ``index``)."""
+  return make_edit_pair(seed, HELD_OUT_START + index, resolution)
+
+
+def pair_to_json(pair: EditPair) -> str:
+  """The pair without its images: instruction, edit, index and both scenes."""
+  return json.dumps({"instruction": pair.instruction, "edit": pair.edit, "index": pair.index,
+                     "before": json.loads(pair.before.to_json()),
+                     "after": json.loads(pair.after.to_json())}, sort_keys=True)
+
+
+def pair_from_json(text: str, resolution: int) -> EditPair:
+  """Inverse of ``pair_to_json``; the images are rendered again at ``resolution``."""
+  data = json.loads(text)
+  before, after = (shapes.Scene.from_json(json.dumps(data[k])) for k in ("before", "after"))
+  return EditPair(data["instruction"], data["edit"], data["index"], before, after,
+                  shapes.render(before, resolution), shapes.render(after, resolution))
+
+
+def _png(image: np.ndarray) -> bytes:
+  # PNG bytes made here (PIL): handing TFDS a numpy array would make it encode with TensorFlow.
+  from PIL import Image
+
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="png", compress_level=1)
+  return buffer.getvalue()
+
+
+def encode_pairs(task: tuple) -> list[tuple[int, dict]]:
+  """TFDS-ready (key, features) of pair indices [start, stop); task = (seed, start, stop,
+  resolution). The shapes_edits builder's examples (``data/edit_pairs_tfds.py``)."""
+  seed, start, stop, resolution = task
+  out = []
+  for index in range(start, stop):
+    pair = make_edit_pair(seed, index, resolution)
+    out.append((index, {"image": _png(pair.after_image), "input_image": _png(pair.before_image),
+                        "caption": pair.instruction, "edit": pair.edit,
+                        "attributes": pair_to_json(pair)}))
+  return out

@@ -7,6 +7,7 @@ the shapes probe then reads its output:
 
   * ``replaced``: the probe finds the prompt's colour and shape with its centre inside
     the mask (the edit was made where it was asked);
+  * ``colour_placed``: an object of the prompt's colour (any shape) inside the mask;
   * ``removed``: the original colour and shape is no longer found anywhere;
   * ``known_error``: mean |output - input| over the kept pixels, in [0, 1] units (0 for
     the training-free methods, which paste the input there; an inpainting stage is only
@@ -70,22 +71,27 @@ def score_case(case: Case, output: np.ndarray, detections) -> dict:
   x0, y0, x1, y1 = case.box
   replaced = any((d.color, d.shape) == case.target and x0 <= d.x <= x1 and y0 <= d.y <= y1
                  for d in detections)
+  colour_placed = any(d.color == case.target[0] and x0 <= d.x <= x1 and y0 <= d.y <= y1
+                      for d in detections)
   removed = not any((d.color, d.shape) == case.original for d in detections)
   known = ~case.generate
   diff = np.abs(output.astype(np.float64) - case.image.astype(np.float64)) / 255.0
   return {"prompt": case.prompt, "original": " ".join(case.original), "replaced": replaced,
-          "removed": removed, "known_error": float(diff[known].mean()),
+          "colour_placed": colour_placed, "removed": removed,
+          "known_error": float(diff[known].mean()),
           "read": [f"{d.color} {d.shape}" for d in detections]}
 
 
 def score(cases: list[Case], outputs: np.ndarray, probe) -> dict:
   """Summary of ``outputs`` uint8 [N, R, R, 3] (one per case) read by ``probe``:
-  {"replaced": cell, "removed": cell, "both": cell, "known_error": mean, "records": ...}."""
+  {"replaced": cell, "colour_placed": cell, "removed": cell, "both": cell, "known_error":
+  mean, "records": ...}."""
   if len(outputs) != len(cases):
     raise ValueError(f"{len(outputs)} outputs for {len(cases)} cases.")
   records = [score_case(c, o, d) for c, o, d in zip(cases, outputs, probe.read(outputs),
                                                     strict=True)]
   return {"replaced": shapes_eval.cell([r["replaced"] for r in records]),
+          "colour_placed": shapes_eval.cell([r["colour_placed"] for r in records]),
           "removed": shapes_eval.cell([r["removed"] for r in records]),
           "both": shapes_eval.cell([r["replaced"] and r["removed"] for r in records]),
           "known_error": float(np.mean([r["known_error"] for r in records])),
@@ -98,9 +104,9 @@ def markdown(summaries: dict[str, dict]) -> str:
     low, high = c["ci95"]
     return f"{c['accuracy']:.3f} [{low:.3f}, {high:.3f}] ({c['correct']}/{c['n']})"
 
-  lines = ["| method | replaced (in the mask) | original removed | both | known-region error |",
-           "|---|---|---|---|---|"]
+  lines = ["| method | replaced (in the mask) | its colour in the mask | original removed "
+           "| both | known-region error |", "|---|---|---|---|---|---|"]
   for name, s in summaries.items():
-    lines.append(f"| {name} | {fmt(s['replaced'])} | {fmt(s['removed'])} | {fmt(s['both'])} "
-                 f"| {s['known_error']:.4f} |")
+    lines.append(f"| {name} | {fmt(s['replaced'])} | {fmt(s['colour_placed'])} "
+                 f"| {fmt(s['removed'])} | {fmt(s['both'])} | {s['known_error']:.4f} |")
   return "\n".join(lines) + "\n"
