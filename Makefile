@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test test-all demo data-real real-results instruct-results lint bench bench-peer clean
+.PHONY: test test-all demo data-real real-results edit-results unclip-results lint bench bench-peer clean
 
 $(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,15 +68,48 @@ real-results: $(STAMP)
 	  --max_prompts=96 --fd_images=100 --steps=50,25 --guidance_scale=3,1 \
 	  --outdir=$(REAL)/emoji/eval
 
-# InstructPix2Pix on the shapes world (README "InstructPix2Pix"): the image-conditioned
-# stage trained for its 12-minute budget (shapes_edits prepared into data/ on first use),
-# then 200 held-out edit pairs edited at four (s_I, s_T) pairs and scored by the probe
-# (runs/instruct/eval/instruct_eval.md). About 20 minutes on an idle 2-core machine.
-instruct-results: $(STAMP)
+# Editing results (README "Editing results", docs/editing/): an inpainting stage and the
+# demo base stage, 600 steps each, scored on the same 128 object replacements (the stage;
+# known-region replacement and RePaint with the base stage), and the InstructPix2Pix stage
+# trained 800 steps, scored on 200 held-out edit pairs at four (s_I, s_T). Step counts,
+# not minutes, so the tables do not depend on the machine's load.
+EDIT := docs/editing
+edit-results: $(STAMP)
+	@mkdir -p $(EDIT)
+	for cfg in inpaint_shapes demo_base; do \
+	  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/train.py --config=configs/$$cfg.py \
+	    --workdir=runs/edit_results/$$cfg --config.train.num_steps=600 \
+	    --config.train.time_budget_s=100000 --config.train.preview_every=0 || exit 1; done
+	for m in replace repaint; do \
+	  $(PY) experiments/edit.py inpaint-eval --workdir=runs/edit_results/demo_base --method=$$m \
+	    --num_cases=128 --outdir=$(EDIT)/inpaint_$$m || exit 1; done
+	$(PY) experiments/edit.py inpaint-eval --workdir=runs/edit_results/inpaint_shapes \
+	  --method=stage --num_cases=128 --outdir=$(EDIT)/inpaint_stage
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/train.py \
-	  --config=configs/instruct_shapes.py --workdir=runs/instruct
-	$(PY) experiments/edit.py instruct-eval --workdir=runs/instruct --num_pairs=200 \
-	  --image_guidance=1,1.5 --text_guidance=3,7.5 --steps=25 --outdir=runs/instruct/eval
+	  --config=configs/instruct_shapes.py --workdir=runs/edit_results/instruct \
+	  --config.train.num_steps=800 --config.train.time_budget_s=100000
+	$(PY) experiments/edit.py instruct-eval --workdir=runs/edit_results/instruct --num_pairs=200 \
+	  --image_guidance=1,1.5 --text_guidance=3,7.5 --steps=25 --outdir=$(EDIT)/instruct
+
+# unCLIP against the text-conditioned base stage (README "unCLIP results", docs/unclip/):
+# CLIP (10 min), prior (6 min), decoder 600 steps; ShapesEval at 32 px of prior -> decoder
+# and of edit-results' demo base stage (600 steps, the same U-Net compute), and the
+# variations' probe agreement. Run after edit-results.
+UNCLIP := runs/unclip_results
+unclip-results: $(STAMP)
+	@mkdir -p docs/unclip
+	$(PY) -m experiments.train_clip --config=configs/clip_shapes.py --config.num_steps=6000 \
+	  --config.time_budget_s=600 --workdir=$(UNCLIP)/clip
+	$(PY) experiments/train_prior.py --config=configs/prior_shapes.py \
+	  --config.clip_dir=$(UNCLIP)/clip --config.num_steps=100000 --config.time_budget_s=360 \
+	  --workdir=$(UNCLIP)/prior
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/train.py \
+	  --config=configs/unclip_decoder_shapes.py --config.conditioning.clip_dir=$(UNCLIP)/clip \
+	  --config.train.num_steps=600 --config.train.time_budget_s=100000 --workdir=$(UNCLIP)/decoder
+	$(PY) experiments/unclip.py evaluate --prior=$(UNCLIP)/prior --workdirs=$(UNCLIP)/decoder \
+	  --images_per_prompt=4 --num_inputs=96 --variations_per_input=4 --outdir=docs/unclip/unclip
+	$(PY) experiments/evaluate.py --workdirs=runs/edit_results/demo_base \
+	  --categories=colour_shape --images_per_prompt=4 --fd_images=0 --outdir=docs/unclip/text
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
