@@ -139,6 +139,7 @@ def _embed(images):
   return jnp.mean(images, axis=(1, 2))
 
 
+@pytest.mark.slow  # (test_unclip's decoder trains the same path two steps in make test)
 def test_a_conditioned_stage_trains_through_the_loop_and_its_loss_falls(tmp_path):
   # (an image embedding: its encoder runs in the loop's prepare_batch; the masked image
   # trains through the builders in the inpainting test below)
