@@ -71,7 +71,8 @@ real-results: $(STAMP)
 # Editing results (README "Editing results", docs/editing/): an inpainting stage and the
 # demo base stage, 600 steps each, scored on the same 128 object replacements (the stage;
 # known-region replacement and RePaint with the base stage), and the InstructPix2Pix stage
-# trained 800 steps, scored on 200 held-out edit pairs at four (s_I, s_T). Step counts,
+# trained 800 steps, scored on 200 held-out edit pairs at four (s_I, s_T); Prompt-to-Prompt
+# colour swaps of the base stage against re-prompting with the same noise. Step counts,
 # not minutes, so the tables do not depend on the machine's load.
 EDIT := docs/editing
 edit-results: $(STAMP)
@@ -85,6 +86,8 @@ edit-results: $(STAMP)
 	    --num_cases=128 --outdir=$(EDIT)/inpaint_$$m || exit 1; done
 	$(PY) experiments/edit.py inpaint-eval --workdir=runs/edit_results/inpaint_shapes \
 	  --method=stage --num_cases=128 --outdir=$(EDIT)/inpaint_stage
+	$(PY) experiments/edit.py p2p-eval --workdir=runs/edit_results/demo_base --num_cases=96 \
+	  --outdir=$(EDIT)/p2p
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/train.py \
 	  --config=configs/instruct_shapes.py --workdir=runs/edit_results/instruct \
 	  --config.train.num_steps=800 --config.train.time_budget_s=100000

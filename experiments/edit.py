@@ -7,6 +7,8 @@ before / after grid (and edit.json) to --outdir.
       --mask=mask.png --prompt="a red circle" --outdir=runs/edit   # mask: white = generate
   python experiments/edit.py inpaint-eval --workdir=runs/inpaint --method=stage \
       --num_cases=64 --outdir=runs/inpaint_eval
+  python experiments/edit.py p2p-eval --workdir=runs/demo/base --num_cases=96 \
+      --outdir=runs/p2p_eval
   python experiments/edit.py p2p --workdir=runs/demo/base --prompt="a red circle" \
       --target="a blue circle" --outdir=runs/edit
   python experiments/edit.py textual-inversion --workdir=runs/demo/base \
@@ -22,7 +24,9 @@ wrapper (--method=replace, any sampler), RePaint with resampling jumps (--method
 or an inpainting stage that takes the masked image and mask as input channels
 (--method=stage, --workdir trained with configs/inpaint_shapes.py). inpaint-eval: any of
 those three replacing the object of --num_cases validation scenes by another colour and
-shape, scored by the shapes probe (diffusion_jax/editing/inpaint_eval.py).
+shape, scored by the shapes probe (diffusion_jax/editing/inpaint_eval.py). p2p-eval:
+colour word swaps of --num_cases prompts, Prompt-to-Prompt against the plain target from the
+same noise, scored by the probe (colour changed, shape and position kept; p2p_eval.py).
 p2p: Prompt-to-Prompt word swap (Hertz et al. 2022): the target keeps the source's
 cross-attention maps for the first --replace_fraction of the steps (--reweight=word=2.0
 re-weights a target word). textual-inversion: learns --token's embedding from --images
@@ -49,7 +53,7 @@ import sampling  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from cli import UserError  # noqa: E402
 
-COMMANDS = ("sdedit", "inpaint", "inpaint-eval", "p2p", "textual-inversion",
+COMMANDS = ("sdedit", "inpaint", "inpaint-eval", "p2p", "p2p-eval", "textual-inversion",
             *instruct_edit.COMMANDS)
 
 FLAGS = flags.FLAGS
@@ -75,7 +79,7 @@ flags.DEFINE_integer("train_steps", 200, "textual-inversion: optimisation steps.
 flags.DEFINE_float("learning_rate", 5e-3, "textual-inversion: Adam learning rate.")
 flags.DEFINE_string("embedding", None, "A learned_embeds.safetensors to load first.")
 flags.DEFINE_integer("num_images", 2, "Images per edit (seeds fold_in(seed, i)).")
-flags.DEFINE_integer("num_cases", 64, "inpaint-eval: object replacements to score.")
+flags.DEFINE_integer("num_cases", 64, "inpaint-eval / p2p-eval: cases to score.")
 flags.DEFINE_string("probe_path", None, "inpaint-eval / instruct-eval: a saved probe file "
                     "to score with (default: the cached probe, trained on first use).")
 flags.DEFINE_integer("seed", 0, "Seed of the run.")
@@ -112,7 +116,7 @@ def check_flags(command: str, f) -> dict:
     raise UserError("--workdir (a trained base stage) and --outdir are required.")
   if command in instruct_edit.COMMANDS:
     return instruct_edit.check_flags(command, f)
-  if command != "inpaint-eval" and (not f.prompt or not f.prompt.strip()):
+  if command not in ("inpaint-eval", "p2p-eval") and (not f.prompt or not f.prompt.strip()):
     raise UserError("--prompt is empty; give the prompt to edit towards (for p2p: the "
                     "source prompt).")
   if f.num_images < 1:
@@ -127,9 +131,9 @@ def check_flags(command: str, f) -> dict:
     if bad or not parsed["strengths"]:
       raise UserError(f"--strength must lie in (0, 1] (1 = from pure noise), got "
                       f"{','.join(f.strength)}.")
-  if command == "inpaint-eval" and f.num_cases < 1:
+  if command in ("inpaint-eval", "p2p-eval") and f.num_cases < 1:
     raise UserError(f"--num_cases={f.num_cases}; it must be >= 1.")
-  if command == "inpaint-eval" and f.probe_path and not pathlib.Path(f.probe_path).is_file():
+  if command.endswith("-eval") and f.probe_path and not pathlib.Path(f.probe_path).is_file():
     raise UserError(f"--probe_path {f.probe_path} does not exist; omit it to use the cached "
                     "probe.")
   if command in ("sdedit", "inpaint") and not f.image:
@@ -327,6 +331,40 @@ def _inpaint_eval(stage, encoder, described, f) -> pathlib.Path:
   return outdir / "inpaint_eval.md"
 
 
+def _p2p_sample(stage, encoder, sources, targets, key, f, reweight=None):
+  """(sources, Prompt-to-Prompt targets, plain targets from the sources' noise), images
+  [B, H, W, C]: target b keeps source b's cross-attention maps for the first
+  --replace_fraction of the steps."""
+  import jax
+  import numpy as np
+
+  from diffusion_jax import cascade as cascade_lib
+  from diffusion_jax.diffusion import guidance, samplers
+  from diffusion_jax.editing import prompt_to_prompt as p2p
+
+  spec, grid, n = stage.spec, stage.spec.grid(), len(sources)
+  shape = (spec.resolution, spec.resolution, stage.model.config.out_channels)
+  kept = int(round(f.replace_fraction * (len(grid) - 1)))
+  until = float(grid[kept - 1]) if kept > 0 else -np.inf
+  try:
+    control = p2p.pair_controls(encoder.tokenizer, sources, targets, encoder.max_length,
+                                until, reweight)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  cond, null = _encode(encoder, sources)
+  target, _ = _encode(encoder, targets)
+  net = cascade_lib.stage_model_fn(stage.model, stage.params)
+  joint_fn = guidance.thresholded(
+      p2p.joint_model_fn(net, cond, target, null, control, spec.guidance_scale),
+      spec.parameterization, spec.threshold, spec.percentile)
+  out = jax.jit(lambda k: _sampler_call(stage, joint_fn, samplers.initial_noise(
+      k, (2 * n, *shape)), grid, k))(p2p.paired_keys(key, n))
+  plain_fn = _guided(stage, target, null)
+  plain = jax.jit(lambda k: _sampler_call(stage, plain_fn, samplers.initial_noise(
+      k, (n, *shape)), grid, k))(samplers.image_keys(key, n))
+  return out[:n], out[n:], plain
+
+
 def run(command: str, f) -> pathlib.Path:
   """The sub-command's work; returns the grid's path."""
   import jax
@@ -345,6 +383,13 @@ def run(command: str, f) -> pathlib.Path:
   _check_stage(command, f, stage)
   if command == "inpaint-eval":
     return _inpaint_eval(stage, encoder, described, f)
+  if command == "p2p-eval":
+    import jax
+    import p2p_eval
+
+    key = jax.random.key(f.seed)
+    return p2p_eval.run(stage, encoder, described, f, sample_pair=lambda s, t, i: _p2p_sample(
+        stage, encoder, s, t, jax.random.fold_in(key, i), f))
   spec, n = stage.spec, f.num_images
   shape = (spec.resolution, spec.resolution, stage.model.config.out_channels)
   grid, key = spec.grid(), jax.random.key(f.seed)
@@ -375,29 +420,9 @@ def run(command: str, f) -> pathlib.Path:
     tiles = [x0[:1], masked, out]
     captions = ["input", "kept (white mask = black here)"] + [f"{f.method}: {f.prompt}"] * n
   elif command == "p2p":
-    from diffusion_jax import cascade as cascade_lib
-    from diffusion_jax.diffusion import guidance
-    from diffusion_jax.editing import prompt_to_prompt as p2p
-
-    kept = int(round(f.replace_fraction * (len(grid) - 1)))
-    until = float(grid[kept - 1]) if kept > 0 else -np.inf
-    try:
-      control = p2p.pair_controls(encoder.tokenizer, [f.prompt] * n, [f.target] * n,
-                                  encoder.max_length, until, parsed["reweight"])
-    except ValueError as e:
-      raise UserError(str(e)) from None
-    target, _ = _encode(encoder, [f.target] * n)
-    net = cascade_lib.stage_model_fn(stage.model, stage.params)
-    joint_fn = guidance.thresholded(
-        p2p.joint_model_fn(net, cond, target, null, control, spec.guidance_scale),
-        spec.parameterization, spec.threshold, spec.percentile)
-    pair_keys = p2p.paired_keys(key, n)
-    out = jax.jit(lambda k: _sampler_call(stage, joint_fn, samplers.initial_noise(
-        k, (2 * n, *shape)), grid, k))(pair_keys)
-    plain_fn = _guided(stage, target, null)
-    plain = jax.jit(lambda k: _sampler_call(stage, plain_fn, samplers.initial_noise(
-        k, (n, *shape)), grid, k))(keys)
-    tiles = [out[:n], plain, out[n:]]
+    source, edited, plain = _p2p_sample(stage, encoder, [f.prompt] * n, [f.target] * n, key,
+                                        f, parsed["reweight"])
+    tiles = [source, plain, edited]
     captions = ([f"source: {f.prompt}"] * n + [f"plain: {f.target}"] * n
                 + [f"p2p: {f.target}"] * n)
   else:  # textual-inversion

@@ -54,6 +54,7 @@ def test_more_bad_input(tmp_path):
 @pytest.mark.slow
 def test_every_sub_command_on_a_tiny_trained_stage(tmp_path):
   sys.path.insert(0, str(ROOT / "tests"))
+  from probe_helpers import tiny_probe
   from test_sample import _tiny, _train
 
   from configs import demo_base
@@ -68,6 +69,7 @@ def test_every_sub_command_on_a_tiny_trained_stage(tmp_path):
       "inpaint": [f"--image={image}", f"--mask={tmp_path / 'mask.png'}",
                   "--method=repaint", "--jump_length=1", "--jump_n_sample=2"],
       "p2p": ["--target=a blue dot", "--reweight=blue=2"],
+      "p2p-eval": ["--num_cases=3", f"--probe_path={tiny_probe()[1]}"],
       "textual-inversion": [f"--images={image}", "--train_steps=2", "--init_word=dot",
                             "--prompt=a {} on the left"],
   }
@@ -75,6 +77,10 @@ def test_every_sub_command_on_a_tiny_trained_stage(tmp_path):
     out = tmp_path / command
     r = _edit(command, *common, *args, f"--outdir={out}")
     assert r.returncode == 0, (command, r.stderr[-3000:])
+    if command == "p2p-eval":
+      record = json.loads((out / "p2p_eval.json").read_text())
+      assert record["num_cases"] == 3 and record["scores"]
+      continue
     assert (out / f"{command}.png").is_file()
     assert json.loads((out / "edit.json").read_text())["command"] == command
   assert (tmp_path / "textual-inversion" / "learned_embeds.safetensors").is_file()
