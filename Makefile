@@ -72,7 +72,8 @@ real-results: $(STAMP)
 # demo base stage, 600 steps each, scored on the same 128 object replacements (the stage;
 # known-region replacement and RePaint with the base stage), and the InstructPix2Pix stage
 # trained 800 steps, scored on 200 held-out edit pairs at four (s_I, s_T); Prompt-to-Prompt
-# colour swaps of the base stage against re-prompting with the same noise. Step counts,
+# colour swaps of the base stage against re-prompting with the same noise; textual inversion
+# of a colour the data never names (teal), alone and with positions. Step counts,
 # not minutes, so the tables do not depend on the machine's load.
 EDIT := docs/editing
 edit-results: $(STAMP)
@@ -88,6 +89,8 @@ edit-results: $(STAMP)
 	  --method=stage --num_cases=128 --outdir=$(EDIT)/inpaint_stage
 	$(PY) experiments/edit.py p2p-eval --workdir=runs/edit_results/demo_base --num_cases=96 \
 	  --outdir=$(EDIT)/p2p
+	$(PY) experiments/textual_inversion_eval.py --workdir=runs/edit_results/demo_base \
+	  --outdir=$(EDIT)/textual_inversion
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/train.py \
 	  --config=configs/instruct_shapes.py --workdir=runs/edit_results/instruct \
 	  --config.train.num_steps=800 --config.train.time_budget_s=100000
