@@ -71,6 +71,8 @@ def stage_unet_config(config: ml_collections.ConfigDict, unet_cfg, latent: bool 
                       "dataset's input images are pixels (unset config.autoencoder.directory "
                       "or use masked_image).")
   fields = conditioning.unet_requirements(conditions(config, unet_cfg.in_channels))
+  if all(getattr(unet_cfg, k) == v for k, v in fields.items()):
+    return unet_cfg  # (a text-only stage: the very config it was given)
   return dataclasses.replace(unet_cfg, **fields)
 
 

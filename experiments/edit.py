@@ -206,18 +206,8 @@ def _needed_condition(command: str, f) -> str | None:
 
 
 def _check_stage(command: str, f, stage) -> None:
-  kinds = [d["kind"] for d in stage.conditioning if d["kind"] != "micro"]
-  have = kinds[0] if kinds else None
-  need = _needed_condition(command, f)
-  if have == need:
-    return
-  if need is None:
-    raise UserError(f"{f.workdir} is conditioned on {have} as well as text; {command} "
-                    "edits with a text-to-image stage (for an inpainting stage use "
-                    "inpaint --method=stage).")
-  raise UserError(f"{command}{' --method=stage' if 'inpaint' in command else ''} needs a "
-                  f"stage trained with config.conditioning.kind={need!r}; {f.workdir} has "
-                  f"{have or 'none'}.")
+  label = f"{command}{' --method=stage' if 'inpaint' in command and f.method == 'stage' else ''}"
+  sampling.check_stage_condition(stage, _needed_condition(command, f), f.workdir, label)
 
 
 def _guided(stage, cond, null):

@@ -435,6 +435,21 @@ CONDITIONED_TOOLS = {"masked_image": "experiments/edit.py inpaint --method=stage
                      "image_embed": "experiments/unclip.py"}
 
 
+def check_stage_condition(stage, need: str | None, source: str, command: str) -> None:
+  """UserError unless ``stage``'s condition beyond text (micro-conditioning aside) is
+  ``need`` (None: a text-to-image stage), for ``command`` (e.g. "inpaint --method=stage")."""
+  kinds = [d["kind"] for d in stage.conditioning if d["kind"] != "micro"]
+  have = kinds[0] if kinds else None
+  if have == need:
+    return
+  if need is None:
+    raise UserError(f"{source} is conditioned on {have} as well as text; {command} edits "
+                    "with a text-to-image stage (sample it with "
+                    f"{CONDITIONED_TOOLS.get(have, 'the tool of that condition')}).")
+  raise UserError(f"{command} needs a stage trained with config.conditioning.kind={need!r}; "
+                  f"{source} has {have or 'none'}.")
+
+
 def prepare_cascade(*, workdirs=(), stages=(), clip_guidance_scale: float = 0.0,
                     clip_checkpoint: str | None = None, **settings):
   """(Cascade, description per stage, text-encoder description) of training ``workdirs``

@@ -219,11 +219,12 @@ def test_inpainting_stage_from_its_config_edits_and_is_refused_where_it_cannot_r
   assert r.returncode == 0, r.stderr[-3000:]
   record = json.loads((tmp_path / "eval" / "inpaint_eval.json").read_text())
   assert record["num_cases"] == 3 and record["replaced"]["n"] == 3
-  import edit  # the training-free methods need a text-to-image stage
-
+  # The training-free methods need a text-to-image stage (edit.py's check).
   stage = sampling.load_cascade([str(workdir)])[0].stages[0]
   with pytest.raises(UserError, match="conditioned on masked_image"):
-    edit._check_stage("inpaint", type("F", (), {"method": "repaint", "workdir": "w"}), stage)
+    sampling.check_stage_condition(stage, None, "w", "inpaint --method=repaint")
+  with pytest.raises(UserError, match="kind='input_image'; w has masked_image"):
+    sampling.check_stage_condition(stage, "input_image", "w", "instruct")
 
 
 def test_the_cascade_samples_a_micro_conditioned_stage_uncropped_and_refuses_other_inputs():
