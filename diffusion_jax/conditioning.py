@@ -50,8 +50,19 @@ def _check_drop(drop_prob: float) -> None:
     raise ValueError(f"a condition's drop_prob must lie in [0, 1], got {drop_prob}.")
 
 
+class _FromBatch:
+  """The value is the batch's ``batch_key`` array; its null is zeros."""
+
+  def train_value(self, key: jax.Array, batch: dict) -> jnp.ndarray:
+    del key
+    return batch[self.batch_key].astype(jnp.float32)
+
+  def null(self, value: jnp.ndarray) -> jnp.ndarray:
+    return jnp.zeros_like(value)
+
+
 @dataclasses.dataclass(frozen=True)
-class InputImage:
+class InputImage(_FromBatch):
   """The batch's ``input_image`` [B, H, W, C] (pixels in [-1, 1], the stage's size)."""
 
   drop_prob: float = 0.05
@@ -73,13 +84,6 @@ class InputImage:
                        "dataset of image pairs, e.g. edit pairs); this batch has "
                        f"{sorted(batch)}.")
     return batch
-
-  def train_value(self, key: jax.Array, batch: dict) -> jnp.ndarray:
-    del key
-    return batch[self.batch_key].astype(jnp.float32)
-
-  def null(self, value: jnp.ndarray) -> jnp.ndarray:
-    return jnp.zeros_like(value)
 
   def to_json(self) -> dict:
     return {"kind": "input_image", "drop_prob": self.drop_prob, "channels": self.channels}
@@ -159,7 +163,7 @@ class MaskedImage:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ImageEmbedding:
+class ImageEmbedding(_FromBatch):
   """An embedding [B, dim] of each batch image. ``encoder(images [B, H, W, C] in [-1, 1])
   -> [B, dim]`` (jitted, frozen) computes ``batch["image_embed"]`` in ``prepare_batch``;
   without an encoder the batch must already carry it. ``source`` describes the encoder
@@ -190,20 +194,13 @@ class ImageEmbedding:
                        "an encoder (a CLIP image tower) or a dataset carrying embeddings.")
     return batch
 
-  def train_value(self, key: jax.Array, batch: dict) -> jnp.ndarray:
-    del key
-    return batch[self.batch_key].astype(jnp.float32)
-
-  def null(self, value: jnp.ndarray) -> jnp.ndarray:
-    return jnp.zeros_like(value)
-
   def to_json(self) -> dict:
     return {"kind": "image_embed", "drop_prob": self.drop_prob, "dim": self.dim,
             "source": self.source}
 
 
 @dataclasses.dataclass(frozen=True)
-class MicroConditioning:
+class MicroConditioning(_FromBatch):
   """SDXL's size and crop conditioning: ``batch["micro_cond"]`` [B, 4] = (height, width)
   of the rescaled image a crop was cut from and the crop's (top, left), in pixels of the
   stage's resolution (``data.pipeline``'s ``crop="random_rescale"``). Sampling uses
@@ -226,13 +223,6 @@ class MicroConditioning:
       raise ValueError("a micro-conditioned stage needs batch['micro_cond'] (train with "
                        "config.data.crop='random_rescale').")
     return batch
-
-  def train_value(self, key: jax.Array, batch: dict) -> jnp.ndarray:
-    del key
-    return batch[self.batch_key].astype(jnp.float32)
-
-  def null(self, value: jnp.ndarray) -> jnp.ndarray:
-    return jnp.zeros_like(value)
 
   def to_json(self) -> dict:
     return {"kind": "micro", "drop_prob": self.drop_prob}
