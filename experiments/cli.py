@@ -149,3 +149,29 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def error(self, message):
     exit_with_error(f"{self.prog}: {message} (see --help).")
+
+
+def read_png(path: str, what: str, resolution: int | None = None, mode: str = "RGB",
+             resize: bool = True):
+  """The image at ``path`` as uint8 [H, W(, C)] in PIL ``mode``, or a UserError naming
+  ``what`` (e.g. "--image") when it is missing or unreadable. With ``resolution``, an image
+  of another size is resized (nearest for masks, bilinear otherwise), or refused when not
+  ``resize``."""
+  import pathlib
+
+  import numpy as np
+  from PIL import Image, UnidentifiedImageError
+
+  if not pathlib.Path(path).is_file():
+    raise UserError(f"{what} {path} does not exist.")
+  try:
+    image = Image.open(path).convert(mode)
+  except (UnidentifiedImageError, OSError) as e:
+    raise UserError(f"{what} {path} is not a readable image ({e}).") from None
+  if resolution and image.size != (resolution, resolution):
+    if not resize:
+      raise UserError(f"{what} is {image.size[0]}x{image.size[1]} px but the stage takes "
+                      f"{resolution}x{resolution} px images; resize it first.")
+    resample = Image.NEAREST if mode == "L" else Image.BILINEAR
+    image = image.resize((resolution, resolution), resample)
+  return np.asarray(image)

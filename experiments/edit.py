@@ -91,20 +91,7 @@ flags.DEFINE_list("text_guidance", ["7.5"], "instruct: text guidance scales s_T.
 flags.DEFINE_integer("num_pairs", 100, "instruct-eval: held-out edit pairs to score.")
 
 
-def _read_png(path: str, what: str, resolution: int | None = None, mode: str = "RGB"):
-  import numpy as np
-  from PIL import Image, UnidentifiedImageError
-
-  if not pathlib.Path(path).is_file():
-    raise UserError(f"{what} {path} does not exist.")
-  try:
-    image = Image.open(path).convert(mode)
-  except (UnidentifiedImageError, OSError) as e:
-    raise UserError(f"{what} {path} is not a readable image ({e}).") from None
-  if resolution and image.size != (resolution, resolution):
-    resample = Image.NEAREST if mode == "L" else Image.BILINEAR
-    image = image.resize((resolution, resolution), resample)
-  return np.asarray(image)
+_read_png = cli.read_png
 
 
 def check_flags(command: str, f) -> dict:
@@ -238,10 +225,15 @@ def _sampler_call(stage, model_fn, x, grid, keys):
                          **dict(spec.sampler_options))
 
 
+_INPAINT_FNS: dict = {}  # one compiled program per (stage, method): inpaint-eval's batches
+
+
 def _inpaint(stage, f, x0, generate, cond, null, keys):
   """Inpainted images [B, H, W, C] of ``x0`` [B, H, W, C] where ``generate`` [B, H, W]
   is True, by --method (replace / repaint: training-free with a text-to-image stage;
   stage: an inpainting stage conditioned on the masked image and mask)."""
+  import dataclasses
+
   import jax
   import jax.numpy as jnp
 
@@ -250,27 +242,34 @@ def _inpaint(stage, f, x0, generate, cond, null, keys):
   from diffusion_jax.diffusion import samplers
   from diffusion_jax.editing import inpainting
 
-  spec, grid = stage.spec, stage.spec.grid()
-  if f.method == "stage":
-    mask = jnp.asarray(generate, jnp.float32)[..., None]
-    # The masked image conditions both halves of the guidance; only the text is dropped.
-    model_fn = cascade_lib.guided_model_fn(
-        stage.model, stage.params, cond["text_emb"], cond["text_mask"], null,
-        parameterization=spec.parameterization, guidance_scale=spec.guidance_scale,
-        threshold=spec.threshold, percentile=spec.percentile,
-        extra_cond={"cond_image": conditioning.masked_input(x0, mask)})
-    return jax.jit(lambda k: _sampler_call(stage, model_fn, samplers.initial_noise(
-        k, x0.shape), grid, k))(keys)
-  known = ~jnp.asarray(generate)
-  model_fn = _guided(stage, cond, null)
-  if f.method == "replace":
-    wrapped = inpainting.known_region_model_fn(model_fn, x0, known, spec.parameterization)
-    return jax.jit(lambda k: _sampler_call(stage, wrapped, samplers.initial_noise(
-        k, x0.shape), grid, k))(keys)
-  return jax.jit(lambda x, k: inpainting.repaint(
-      model_fn, x, known, grid, k, parameterization=spec.parameterization,
-      sampler=spec.sampler, jump_length=f.jump_length,
-      jump_n_sample=f.jump_n_sample))(x0, keys)
+  spec, grid, method = stage.spec, stage.spec.grid(), f.method
+  jumps = (f.jump_length, f.jump_n_sample)
+
+  def run(params, x0, generate, cond, null, keys):
+    own = dataclasses.replace(stage, params=params)
+    if method == "stage":
+      mask = generate.astype(jnp.float32)[..., None]
+      # The masked image conditions both halves of the guidance; only the text is dropped.
+      model_fn = cascade_lib.guided_model_fn(
+          own.model, params, cond["text_emb"], cond["text_mask"], null,
+          parameterization=spec.parameterization, guidance_scale=spec.guidance_scale,
+          threshold=spec.threshold, percentile=spec.percentile,
+          extra_cond={"cond_image": conditioning.masked_input(x0, mask)})
+      return _sampler_call(own, model_fn, samplers.initial_noise(keys, x0.shape), grid, keys)
+    known = ~generate
+    model_fn = _guided(own, cond, null)
+    if method == "replace":
+      wrapped = inpainting.known_region_model_fn(model_fn, x0, known, spec.parameterization)
+      return _sampler_call(own, wrapped, samplers.initial_noise(keys, x0.shape), grid, keys)
+    return inpainting.repaint(model_fn, x0, known, grid, keys,
+                              parameterization=spec.parameterization, sampler=spec.sampler,
+                              jump_length=jumps[0], jump_n_sample=jumps[1])
+
+  cache_key = (id(stage), method, jumps)
+  if cache_key not in _INPAINT_FNS:
+    _INPAINT_FNS[cache_key] = jax.jit(run)
+  return _INPAINT_FNS[cache_key](stage.params, x0, jnp.asarray(generate, bool), cond, null,
+                                 keys)
 
 
 def _inpaint_eval(stage, encoder, described, f) -> pathlib.Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import cli
 import sampling
 from cli import UserError
 
@@ -67,22 +68,6 @@ def _stage_config(f):
                     f"config.conditioning.kind is {kind!r}, not 'input_image'); give the "
                     "workdir of a stage trained with configs/instruct_shapes.py.")
   return config
-
-
-def _read_input(path: str, resolution: int):
-  import numpy as np
-  from PIL import Image, UnidentifiedImageError
-
-  if not pathlib.Path(path).is_file():
-    raise UserError(f"--image {path} does not exist.")
-  try:
-    image = Image.open(path).convert("RGB")
-  except (UnidentifiedImageError, OSError) as e:
-    raise UserError(f"--image {path} is not a readable image ({e}).") from None
-  if image.size != (resolution, resolution):
-    raise UserError(f"--image is {image.size[0]}x{image.size[1]} px but the stage edits "
-                    f"{resolution}x{resolution} px images; resize it first.")
-  return np.asarray(image)
 
 
 def _load(f):
@@ -173,7 +158,8 @@ def run_instruct(f, parsed) -> pathlib.Path:
 
   config = _stage_config(f)
   resolution = config.data.resolution
-  pixels = _read_input(f.image, resolution).astype(np.float32) / 127.5 - 1.0
+  pixels = cli.read_png(f.image, "--image", resolution, resize=False)
+  pixels = pixels.astype(np.float32) / 127.5 - 1.0
   stage, encoder, described = _load(f)
   n = f.num_images
   keys = samplers.image_keys(jax.random.key(f.seed), n)

@@ -15,21 +15,11 @@ from builders import UserError
 
 def read_image(path: str, resolution: int):
   """--image as floats [R, R, 3] in [-1, 1] (resized to the decoder's size)."""
-  import numpy as np
-  from PIL import Image, UnidentifiedImageError
+  import cli
 
   if not path:
     raise UserError("variations needs --image=PNG (the image to make variations of).")
-  if not pathlib.Path(path).is_file():
-    raise UserError(f"--image {path} does not exist.")
-  try:
-    image = Image.open(path).convert("RGB")
-  except (UnidentifiedImageError, OSError) as e:
-    raise UserError(f"--image {path} is not a readable image ({e}).") from None
-  if image.size != (resolution, resolution):
-    image = image.resize((resolution, resolution), Image.BILINEAR)
-  return np.asarray(image).astype(np.float32) / 127.5 - 1.0
-
+  return cli.read_png(path, "--image", resolution).astype("float32") / 127.5 - 1.0
 
 def load_clip_dir(path, flag: str):
   """(CLIP, its directory) of ``path`` (a train_clip workdir or CLIP directory) named by

@@ -110,7 +110,7 @@ def test_instruct_eval_writes_the_score_table(workdir, tmp_path):
 
 
 def test_bad_input_in_process(workdir, tmp_path):
-  with pytest.raises(UserError, match="is 16x16 px but the stage edits 8x8 px"):
+  with pytest.raises(UserError, match="is 16x16 px but the stage takes 8x8 px"):
     instruct_edit.run("instruct", _flags(workdir, tmp_path / "o", prompt="make it red",
                                          image=_png(tmp_path / "big.png", 16)))
   with pytest.raises(UserError, match="--image_guidance=a is not a list of numbers"):

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow_datasets as tfds
 
-from diffusion_jax.data import parallel
+from diffusion_jax.data import parallel, shapes_tfds
 from diffusion_jax.editing import edit_pairs
 
 NAME = "shapes_edits"
@@ -125,15 +125,8 @@ def prepare(data_dir: str, resolution: int = 32, num_train: int = 20_000, seed: 
             log: Callable[[str], None] | None = None) -> str:
   """Writes the dataset into ``data_dir`` unless already there; returns
   'shapes_edits/<config>'. ``log`` gets one line before preparing (no progress bars)."""
-  b = builder(data_dir, resolution, num_train, seed)
-  name = f"{NAME}/{b.builder_config.name}"
-  if not b.is_prepared():
-    if log is not None:
-      log(f"Preparing {name} in {data_dir} (once) ...")
-      tfds.disable_progress_bar()
-    os.makedirs(data_dir, exist_ok=True)
-    b.download_and_prepare()
-  return name
+  return shapes_tfds.prepare_builder(builder(data_dir, resolution, num_train, seed), NAME,
+                                     data_dir, log)
 
 
 def prepare_command(data_dir: str, config: str) -> str:

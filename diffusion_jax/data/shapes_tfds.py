@@ -154,8 +154,15 @@ def prepare_shapes(data_dir: str, resolution: int = 32, num_train: int = 20_000,
   Idempotent: a prepared config is left untouched. `log` (e.g. print), if given, gets one line
   before preparing, which then replaces TFDS's progress bars.
   """
-  builder = shapes_builder(data_dir, resolution, num_train, seed, max_objects)
-  name = f"shapes/{builder.builder_config.name}"
+  return prepare_builder(shapes_builder(data_dir, resolution, num_train, seed, max_objects),
+                         "shapes", data_dir, log)
+
+
+def prepare_builder(builder, dataset: str, data_dir: str,
+                    log: Callable[[str], None] | None = None) -> str:
+  """Prepares a TFDS ``builder`` of ``dataset`` into ``data_dir`` unless it already is
+  there; returns '<dataset>/<config>'. ``log`` gets one line first (no progress bars)."""
+  name = f"{dataset}/{builder.builder_config.name}"
   if not builder.is_prepared():
     if log is not None:
       log(f"Preparing {name} in {data_dir} (once) ...")
