@@ -116,6 +116,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shapes_num_train = 20_000   # shapes only: examples to prepare if missing
   c.data.shapes_max_objects = 3
   c.data.prepare = True              # shapes only: prepare the dataset if it is missing
+  # SDXL's multi-aspect training (shapes only, base stages; README "Aspect buckets"):
+  # (height, width) buckets of about data.resolution ** 2 pixels, (R, R) among them, each side
+  # a multiple of the U-Net's downsampling (times a latent stage's f), e.g.
+  # ((32, 32), (24, 40), (40, 24)). Each batch is one bucket (drawn per step, shares
+  # bucket_weights, () equal); the bucket's size conditions the U-Net. (): off.
+  c.data.aspect_buckets = ()
+  c.data.bucket_weights = ()
   # Real-data sets (fashion_mnist_offline, mnist5k, noto_emoji; also prepared if missing
   # when data.prepare): the directory of their raw files if not where the packages put them.
   c.data.source_dir = config_dict.placeholder(str)

@@ -184,6 +184,9 @@ class StageSpec:
   ``refine_strength`` in (0, 1]: the stage is a *refiner*: a text-to-image (pixel) stage
   after another stage of its resolution, run as SDEdit on that stage's output from this
   fraction of its grid (``refine_stage``; SDXL's refiner), instead of sampling from noise.
+  ``size``: (height, width) of a base stage's output when not ``resolution`` square: one of
+  an aspect-bucketed stage's buckets (SDXL's multi-aspect training; ``Cascade`` checks it
+  against the stage's ``conditioning``). None: resolution x resolution.
   """
 
   resolution: int
@@ -207,6 +210,7 @@ class StageSpec:
   preconditioning: str = "none"
   sigma_data: float = 0.5
   refine_strength: float | None = None
+  size: tuple[int, int] | None = None
 
   def __post_init__(self):
     preconditioning_lib.check_parameterization(self.preconditioner(), self.parameterization)
@@ -235,6 +239,16 @@ class StageSpec:
     guidance_schedules.check(self.guidance_schedule)
     if self.refine_strength is not None and not 0.0 < self.refine_strength <= 1.0:
       raise ValueError(f"refine_strength must lie in (0, 1], got {self.refine_strength}.")
+    if self.size is not None:
+      size = tuple(self.size)
+      if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ValueError(f"size must be (height, width), two positive integers, got {size}.")
+      object.__setattr__(self, "size", size)
+
+  @property
+  def output_size(self) -> tuple[int, int]:
+    """(height, width) of the stage's samples in pixels."""
+    return self.size or (self.resolution, self.resolution)
 
   def noise_schedule(self):
     return schedules.get(self.schedule, **dict(self.schedule_kwargs))
@@ -264,6 +278,8 @@ class StageSpec:
     d = dict(d)
     for name in ("schedule_kwargs", "sampler_options", "lowres_schedule_kwargs"):
       d[name] = tuple((k, v) for k, v in d.get(name, ()))
+    if d.get("size") is not None:
+      d["size"] = tuple(d["size"])
     return cls(**d)
 
 
@@ -335,11 +351,12 @@ class Stage:
     for described in self.conditioning:
       if conditioning_lib.from_json(described).input_name in given:
         continue
-      default = conditioning_lib.sampling_default(described, batch, self.spec.resolution)
+      default = conditioning_lib.sampling_default(described, batch, self.spec.output_size)
       if default is None:
         raise ValueError(f"this stage is conditioned on {described['kind']}, which "
                          "text-to-image sampling cannot give it.")
-      out.update(default)
+      for name, value in default.items():  # in the conditions' order, as train_inputs
+        out[name] = value if name not in out else jnp.concatenate([out[name], value], -1)
     return {**out, **given}
 
   @property
@@ -360,6 +377,17 @@ class Cascade:
     if stages[0].spec.refine_strength is not None:
       raise ValueError("The first stage cannot be a refiner (refine_strength): it has no "
                        "stage's output to refine.")
+    from diffusion_jax import conditioning as conditioning_lib
+
+    for number, stage in enumerate(stages, start=1):
+      error = conditioning_lib.size_error(stage.conditioning, stage.spec.resolution,
+                                          stage.spec.size)
+      if error:
+        raise ValueError(f"Stage {number} cannot sample at {stage.spec.output_size}: {error}")
+    height, width = stages[0].spec.output_size
+    if height != width and len(stages) > 1:
+      raise ValueError(f"The base stage samples {height}x{width} (an aspect bucket); the "
+                       "stages after it chain square images only: sample it alone.")
     for number, (prev, stage) in enumerate(zip(stages, stages[1:], strict=False), start=2):
       if stage.spec.refine_strength is not None:
         error = _refiner_error(prev, stage)
@@ -386,7 +414,7 @@ class Cascade:
     if index not in self._compiled:
       stage = self.stages[index]
       spec = stage.spec
-      image_shape = stage.kind.sample_shape(spec.resolution, stage.model.config.out_channels)
+      image_shape = stage.kind.sample_shape(spec.output_size, stage.model.config.out_channels)
       lowres_schedule = (schedules.get(spec.lowres_schedule,
                                        **dict(spec.lowres_schedule_kwargs))
                          if spec.lowres_schedule else None)
@@ -452,7 +480,9 @@ class Cascade:
     for index, stage in enumerate(self.stages):
       keys = samplers.image_keys(jax.random.fold_in(key, index), len(prompts), first_index)
       if progress:
-        progress(f"stage {index + 1}/{len(self.stages)}: {stage.spec.resolution} px, "
+        size = stage.spec.size
+        progress(f"stage {index + 1}/{len(self.stages)}: "
+                 f"{f'{size[0]}x{size[1]}' if size else stage.spec.resolution} px, "
                  f"{stage.spec.sampler} x {stage.spec.num_steps} steps, guidance "
                  f"{stage.spec.guidance_scale}")
       clip_text = (self.clip_guide.encode(prompts) if index == 0 and self.clip_guide

@@ -16,7 +16,11 @@ U-Net's optional inputs (``input_name``):
   ``MicroConditioning`` SDXL (Podell et al. 2023, section 2.2): the size of the image a
                       training crop was taken from and the crop's offsets, in pixels
                       (``micro_cond`` [B, 4]), from the data pipeline's random rescale and
-                      crop; sampling gives it an uncropped image's values by default.
+                      crop; sampling gives it an uncropped image's values by default;
+  ``TargetSize``      SDXL's multi-aspect training (section 2.3): the (height, width) of the
+                      aspect bucket a batch was rendered at (``data.buckets``), appended to
+                      ``micro_cond``; sampling gives it the size it samples at, which must
+                      be one of the stage's buckets (``size_error``).
 
 Each condition is a frozen dataclass the step calls without branching on its kind:
 
@@ -228,16 +232,77 @@ class MicroConditioning(_FromBatch):
     return {"kind": "micro", "drop_prob": self.drop_prob}
 
 
-def uncropped(batch: int, resolution: int) -> jnp.ndarray:
-  """Micro-conditioning of an uncropped ``resolution`` px image: [B, 4] = (R, R, 0, 0)."""
-  return jnp.broadcast_to(jnp.asarray([resolution, resolution, 0, 0], jnp.float32), (batch, 4))
+@dataclasses.dataclass(frozen=True)
+class TargetSize(_FromBatch):
+  """SDXL's target-size (aspect-bucket) conditioning: ``batch["target_size"]`` [B, 2] =
+  (height, width) in pixels of the bucket the batch was rendered at
+  (``data.buckets.BucketedShapesPipeline``), fed to ``micro_cond`` after the size and crop
+  values if the stage has them (SDXL concatenates c_size, c_crop, c_ar). ``buckets``: the
+  (height, width) pairs the stage trained on; sampling asks for one of them."""
+
+  buckets: tuple[tuple[int, int], ...]
+  drop_prob: float = 0.0
+  input_name: str = "micro_cond"
+  batch_key: str = "target_size"
+  batch_ndim: int = 2
+
+  def __post_init__(self):
+    _check_drop(self.drop_prob)
+    object.__setattr__(self, "buckets", tuple((int(h), int(w)) for h, w in self.buckets))
+    if not self.buckets:
+      raise ValueError("target_size needs the stage's aspect buckets.")
+
+  @property
+  def width(self) -> int:
+    return 2
+
+  def prepare_batch(self, batch: dict) -> dict:
+    if self.batch_key not in batch:
+      raise ValueError("an aspect-bucketed stage needs batch['target_size'] (train on "
+                       "data.buckets.BucketedShapesPipeline: config.data.aspect_buckets).")
+    return batch
+
+  def to_json(self) -> dict:
+    return {"kind": "target_size", "drop_prob": self.drop_prob,
+            "buckets": [list(b) for b in self.buckets]}
 
 
-def sampling_default(described: dict, batch: int, resolution: int) -> dict | None:
-  """U-Net keywords text-to-image sampling gives a condition (``to_json`` form) by itself,
-  or None when it cannot (the condition needs its input)."""
+def _hw(size) -> tuple[int, int]:
+  return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (size, size)
+
+
+def uncropped(batch: int, size: int | tuple[int, int]) -> jnp.ndarray:
+  """Micro-conditioning of an uncropped image of ``size`` (R, or (H, W)): [B, 4] =
+  (H, W, 0, 0)."""
+  height, width = _hw(size)
+  return jnp.broadcast_to(jnp.asarray([height, width, 0, 0], jnp.float32), (batch, 4))
+
+
+def sampling_default(described: dict, batch: int, size: int | tuple[int, int]) -> dict | None:
+  """U-Net keywords text-to-image sampling of images of ``size`` (R, or (H, W)) gives a
+  condition (``to_json`` form) by itself, or None when it cannot (the condition needs its
+  input)."""
   if described.get("kind") == "micro":
-    return {"micro_cond": uncropped(batch, resolution)}
+    return {"micro_cond": uncropped(batch, size)}
+  if described.get("kind") == "target_size":
+    return {"micro_cond": jnp.broadcast_to(jnp.asarray(_hw(size), jnp.float32), (batch, 2))}
+  return None
+
+
+def size_error(conditioning: tuple | list, resolution: int,
+               size: tuple[int, int] | None) -> str | None:
+  """Why a stage of ``resolution`` px conditioned on ``conditioning`` (``to_json`` forms)
+  cannot sample images of ``size`` (height, width; None: its square), or None if it can:
+  an aspect-bucketed stage samples at its buckets, any other at its square only."""
+  size = (resolution, resolution) if size is None else _hw(size)
+  buckets = [tuple(b) for d in conditioning if d.get("kind") == "target_size"
+             for b in d["buckets"]]
+  if buckets and size not in buckets:
+    return (f"{size[0]}x{size[1]} is not one of the stage's aspect buckets "
+            f"({', '.join(f'{h}x{w}' for h, w in buckets)}); sample at one of them.")
+  if not buckets and size != (resolution, resolution):
+    return (f"the stage was trained on {resolution}x{resolution} images only (no aspect "
+            f"buckets, config.data.aspect_buckets), so it cannot sample {size[0]}x{size[1]}.")
   return None
 
 
@@ -294,5 +359,7 @@ def from_json(d: dict | None, encoder=None):
     return ImageEmbedding(encoder=encoder, **d)
   if kind == "micro":
     return MicroConditioning(**d)
+  if kind == "target_size":
+    return TargetSize(**d)
   raise ValueError(f"unknown condition kind {kind!r} (input_image, masked_image, "
-                   "image_embed or micro)")
+                   "image_embed, micro or target_size)")

@@ -5,8 +5,8 @@ The training loop and the cascade call these three methods and never branch on t
   ``encode_batch(batch) -> batch``  the global train batch as the network consumes it
                                     (``batch["image"]`` [B, H, W, C] pixels in [-1, 1]
                                     becomes whatever the diffusion runs on);
-  ``sample_shape(resolution, channels) -> (h, w, c)``  what a sampler draws for a stage
-                                    whose *output* is ``resolution`` px;
+  ``sample_shape(size, channels) -> (h, w, c)``  what a sampler draws for a stage whose
+                                    *output* is ``size`` px (R, or (H, W): aspect buckets);
   ``decode(x) -> images``           samples back to pixels [B, H, W, C].
 
 ``PIXEL`` is the identity (base and super-resolution stages). ``LatentKind`` diffuses in
@@ -28,6 +28,11 @@ import jax.numpy as jnp
 from diffusion_jax.models import autoencoder as ae
 
 
+def _height_width(size) -> tuple[int, int]:
+  """R or (H, W) -> (H, W)."""
+  return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (size, size)
+
+
 @dataclasses.dataclass(frozen=True)
 class PixelKind:
   """Diffusion on pixels: nothing to encode or decode."""
@@ -39,8 +44,8 @@ class PixelKind:
   def encode_batch(self, batch: dict) -> dict:
     return batch
 
-  def sample_shape(self, resolution: int, channels: int) -> tuple[int, int, int]:
-    return (resolution, resolution, channels)
+  def sample_shape(self, size, channels: int) -> tuple[int, int, int]:
+    return (*_height_width(size), channels)
 
   def decode(self, x: jnp.ndarray) -> jnp.ndarray:
     return x
@@ -89,13 +94,14 @@ class LatentKind:
     latents = self._encoders[out_sharding](self.autoencoder.params, images)
     return dict(batch, image=latents)
 
-  def sample_shape(self, resolution: int, channels: int) -> tuple[int, int, int]:
+  def sample_shape(self, size, channels: int) -> tuple[int, int, int]:
     del channels  # the latent's, whatever the U-Net's config says
     f = self.downsample_factor
-    if resolution % f:
+    height, width = _height_width(size)
+    if height % f or width % f:
       raise ValueError(f"a latent stage with a downsampling factor of {f} cannot output "
-                       f"{resolution} px: use a multiple of {f}.")
-    return (resolution // f, resolution // f, self.latent_channels)
+                       f"{height}x{width} px: use multiples of {f}.")
+    return (height // f, width // f, self.latent_channels)
 
   def decode(self, latents: jnp.ndarray) -> jnp.ndarray:
     return self._decode(self.autoencoder.params, latents)

@@ -285,11 +285,19 @@ def data_factory(config: ml_collections.ConfigDict, dataset: str | None = None):
 
   ``dataset``: ``dataset_name(config)`` if already known (it may prepare the data).
   """
+  import conditioning_builders
   import instruct_builders  # an input_image stage reads the dataset's input images too
 
-  from diffusion_jax.data import pipeline
+  from diffusion_jax.data import buckets, pipeline
 
   d = config.data
+  if conditioning_builders.aspect_buckets(config):  # SDXL's aspect buckets: rendered
+    kwargs = dict(dataset=dataset or dataset_name(config), data_dir=d.data_dir,
+                  split=d.split, buckets=conditioning_builders.aspect_buckets(config),
+                  weights=tuple(d.get("bucket_weights") or ()),
+                  global_batch_size=config.train.batch_size, seed=config.train.seed,
+                  crop=d.crop, max_rescale=d.get("max_rescale", 1.5))
+    return _checked_factory(lambda: buckets.BucketedShapesPipeline(**kwargs))
   kwargs = dict(
       dataset=dataset or dataset_name(config), data_dir=d.data_dir, split=d.split,
       image_key=d.image_key,
@@ -301,9 +309,10 @@ def data_factory(config: ml_collections.ConfigDict, dataset: str | None = None):
   if d.crop == "random_rescale":
     kwargs["max_rescale"] = d.get("max_rescale", 1.5)
 
-  def make():
-    return pipeline.InputPipeline(**kwargs)
+  return _checked_factory(lambda: pipeline.InputPipeline(**kwargs))
 
+
+def _checked_factory(make):
   try:
     make()  # fail now, with the data's own message, rather than after compiling
   except (FileNotFoundError, ValueError, KeyError) as e:
@@ -352,10 +361,11 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, make_evaluator
                                           dist.process_id)
   except ValueError as e:
     raise ConfigError(f"config.distributed: {e}.") from None
-  import conditioning_builders
+  import latent_builders
 
   model_cfg = unet_config(config)
-  conditioning_builders.conditions(config)  # config errors now, before the lock
+  # The stage's kind and conditions (no weights read): config errors now, before the lock.
+  latent_builders.stage_unet_config(config, model_cfg)
   steps, optimizer, loop = step_settings(config), optimizer_settings(config), \
       loop_settings(config)
   try:

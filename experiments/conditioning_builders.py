@@ -1,6 +1,7 @@
-"""``config.conditioning`` -> the stage's conditions (diffusion_jax/conditioning.py) and
-the U-Net inputs they need. ``conditions`` validates without loading anything (run_training
-calls it before the workdir lock); ``stage_unet_config`` gives the U-Net its inputs
+"""``config.conditioning`` (and ``config.data.aspect_buckets``) -> the stage's conditions
+(diffusion_jax/conditioning.py) and the U-Net inputs they need. ``conditions`` validates
+without loading anything (run_training calls it, through ``stage_unet_config``, before the
+workdir lock); ``stage_unet_config`` gives the U-Net its inputs
 (latent_builders.stage_unet_config calls it, so training and sampling agree);
 ``for_training`` attaches the conditions to the step settings, loading what must be
 loaded (an image embedding's frozen encoder)."""
@@ -41,7 +42,43 @@ def conditions(config: ml_collections.ConfigDict, channels: int = 3) -> tuple:
       raise ConfigError("config.conditioning.micro=True conditions on each training crop's "
                         "size and offsets: set config.data.crop='random_rescale'.")
     micro = (conditioning.MicroConditioning(),)
-  return _kind_conditions(config, name, channels) + micro
+  buckets = aspect_buckets(config)
+  if buckets and name == "image_embed":
+    raise ConfigError("config.data.aspect_buckets with config.conditioning.kind='image_embed'"
+                      ": the CLIP image tower embeds square images; unset one of them.")
+  target = (conditioning.TargetSize(buckets),) if buckets else ()
+  return _kind_conditions(config, name, channels) + micro + target
+
+
+def aspect_buckets(config: ml_collections.ConfigDict) -> tuple:
+  """``config.data.aspect_buckets`` checked ((height, width) pairs; () when off), but for
+  the U-Net's divisor (``stage_unet_config`` checks it), and ``bucket_weights`` with it."""
+  from diffusion_jax.data import buckets as buckets_lib
+
+  d = config.data
+  raw = d.get("aspect_buckets") or ()  # (configs written before the field: none)
+  if not raw:
+    return ()
+  if d.dataset != "shapes":
+    raise ConfigError(f"config.data.aspect_buckets renders each batch's scenes at its bucket "
+                      f"(the shapes dataset), so it needs config.data.dataset='shapes', not "
+                      f"{d.dataset!r}.")
+  if d.lowres_resolution is not None:
+    raise ConfigError("config.data.aspect_buckets is for base stages; unset "
+                      "config.data.lowres_resolution or the buckets.")
+  if d.crop not in buckets_lib.CROPS:
+    raise ConfigError(f"config.data.aspect_buckets renders every bucket whole: use "
+                      f"config.data.crop {' or '.join(map(repr, buckets_lib.CROPS))} (SDXL's "
+                      f"crops), not {d.crop!r}.")
+  try:
+    checked = buckets_lib.check_buckets(raw, d.resolution)
+  except ValueError as e:
+    raise ConfigError(f"config.data.aspect_buckets: {e}") from None
+  try:
+    buckets_lib.bucket_probabilities(d.get("bucket_weights"), len(checked))
+  except ValueError as e:
+    raise ConfigError(f"config.data.bucket_weights: {e}") from None
+  return checked
 
 
 def _kind_conditions(config, name: str, channels: int) -> tuple:
@@ -70,6 +107,17 @@ def stage_unet_config(config: ml_collections.ConfigDict, unet_cfg, latent: bool 
     raise ConfigError("config.conditioning.kind='input_image' needs a pixel stage: the "
                       "dataset's input images are pixels (unset config.autoencoder.directory "
                       "or use masked_image).")
+  buckets = aspect_buckets(config)
+  if buckets:  # each side must survive the autoencoder (latent) and every U-Net level
+    f = config.data.resolution // unet_cfg.resolution
+    levels = len(unet_cfg.levels)
+    why = f"the U-Net's {levels} levels halve it {levels - 1} times" + (
+        f" after the autoencoder's {f}x" if latent else "")
+    from diffusion_jax.data import buckets as buckets_lib
+    try:
+      buckets_lib.check_buckets(buckets, config.data.resolution, f * 2 ** (levels - 1))
+    except ValueError as e:
+      raise ConfigError(f"config.data.aspect_buckets: {str(e).rstrip('.')} ({why}).") from None
   fields = conditioning.unet_requirements(conditions(config, unet_cfg.in_channels))
   if all(getattr(unet_cfg, k) == v for k, v in fields.items()):
     return unet_cfg  # (a text-only stage: the very config it was given)

@@ -270,7 +270,10 @@ def training_evaluator(config, model_cfg, text_encoder, kind=None, log=print, pr
   _, spec = sampling.workdir_stage_spec("the training run", config, None,
                                         num_steps=e.num_steps, guidance_scale=e.guidance_scale)
   model = unet_lib.UNet(model_cfg)
-  stage = cascade_lib.Stage(model, None, spec, kind)
+  import conditioning_builders  # (micro-conditioning and aspect buckets: sampling defaults)
+
+  conditions = conditioning_builders.conditions(config, model_cfg.in_channels)
+  stage = cascade_lib.Stage(model, None, spec, kind, tuple(c.to_json() for c in conditions))
   cascade = cascade_lib.Cascade([stage], text_encoder)
   if labelled:  # a real labelled set: its classifier judge instead of ShapesEval's probe
     return evaluating_labelled.training_evaluator(config, cascade, log=log)

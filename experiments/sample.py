@@ -16,7 +16,9 @@ sample_cascade is the same with keyword arguments.
 
 A super-resolution stage must follow a stage sampling at the low-res size it was trained
 on (unless it was trained on random crops, config.data.crop='random': then only its
-scale factor has to chain). Bad input stops with one line saying what to fix.
+scale factor has to chain). A stage trained on aspect buckets (config.data.aspect_buckets)
+samples at one of them with --height=H --width=W (default its square), sampled alone. Bad
+input stops with one line saying what to fix.
 """
 
 import pathlib
@@ -35,6 +37,9 @@ flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
 flags.DEFINE_string("outdir", None, "Where to write grids, images and samples.json.")
 flags.DEFINE_integer("first_index", 0, "Index of the first prompt's image in the run.")
 flags.DEFINE_string("export_dir", None, "Also export the loaded stages here (stage_1, ...).")
+flags.DEFINE_integer("height", None, "With --width: the base stage's output size, one of its "
+                     "aspect buckets (config.data.aspect_buckets; default its square).")
+flags.DEFINE_integer("width", None, "See --height.")
 flags.mark_flags_as_required(["outdir"])
 
 
@@ -42,7 +47,7 @@ def main(argv):
   cli.begin(argv)
   import sampling
 
-  names = ("prompts", "prompts_file", "outdir", "first_index", "export_dir")
+  names = ("prompts", "prompts_file", "outdir", "first_index", "export_dir", "height", "width")
   result = sampling.sample_cascade(**{name: FLAGS[name].value for name in names},
                                    **sampler_flags.values(FLAGS),
                                    progress=lambda msg: print(msg, flush=True))

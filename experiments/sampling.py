@@ -134,8 +134,23 @@ def workdir_stage_spec(workdir: str, config: ml_collections.ConfigDict,
       preconditioning=d.get("preconditioning", "none"), sigma_data=d.get("sigma_data", 0.5),
       **latent_builders.spec_defaults(config))
   spec_kwargs.update({k: v for k, v in spec_overrides.items() if v is not None})
-  return model_cfg, builders.checked(f"sampling settings of {workdir}", cascade.StageSpec,
-                          **spec_kwargs)
+  spec = builders.checked(f"sampling settings of {workdir}", cascade.StageSpec, **spec_kwargs)
+  import conditioning_builders
+
+  _check_size(workdir, [c.to_json() for c in conditioning_builders.conditions(
+      config, model_cfg.in_channels)], spec)
+  return model_cfg, spec
+
+
+def _check_size(source, conditioning, spec) -> None:
+  """UserError unless the stage (its conditions' ``to_json``) can sample at spec's size:
+  an aspect-bucketed stage at one of its buckets (``--height`` / ``--width``), any other
+  at its square only."""
+  from diffusion_jax import conditioning as conditioning_lib
+
+  error = conditioning_lib.size_error(conditioning, spec.resolution, spec.size)
+  if error:
+    raise UserError(f"--height / --width for {source}: {error}")
 
 
 def training_stage(workdir: str, config: ml_collections.ConfigDict,
@@ -192,9 +207,12 @@ def _exported_spec(directory, own: dict):
   if not path.exists():
     raise UserError(f"{path} not found: {directory} is not an exported stage (export one "
                     "with experiments/sample.py --export_dir).")
-  spec = cascade.StageSpec.from_json(json.loads(path.read_text())["spec"])
+  meta = json.loads(path.read_text())
+  spec = cascade.StageSpec.from_json(meta["spec"])
   own = _with_options(own, spec.sampler, spec.sampler_options)
-  return dataclasses.replace(spec, **own)
+  spec = dataclasses.replace(spec, **own)
+  _check_size(directory, meta.get("conditioning") or (), spec)
+  return spec
 
 
 def load_cascade(workdirs=(), exported=(), *, checkpoint_steps=None, per_stage=None,
@@ -213,6 +231,11 @@ def load_cascade(workdirs=(), exported=(), *, checkpoint_steps=None, per_stage=N
   per_stage = list(per_stage) if per_stage is not None else [{}] * len(sources)
   if len(per_stage) != len(sources):
     raise UserError(f"{len(per_stage)} per-stage settings for {len(sources)} stages.")
+  size = per_stage[0].get("size")
+  if size is not None and size[0] != size[1] and len(sources) > 1:
+    raise UserError(f"--height={size[0]} --width={size[1]} samples the base stage at an "
+                    "aspect bucket; the stages after it chain square images only: sample it "
+                    "alone.")
   overrides = [{**spec_overrides, **{k: v for k, v in own.items() if v is not None}}
                for own in per_stage]
   if workdirs:  # (a training workdir's spec has no sampler options of its own)
@@ -450,18 +473,33 @@ def check_stage_condition(stage, need: str | None, source: str, command: str) ->
                   f"{source} has {have or 'none'}.")
 
 
+def sample_size(height, width) -> tuple[int, int] | None:
+  """(height, width) of ``--height`` / ``--width`` (both or neither; None: the stage's
+  square), or a UserError."""
+  if height is None and width is None:
+    return None
+  if height is None or width is None or height < 1 or width < 1:
+    raise UserError(f"--height={height} --width={width}: give both, positive (one of an "
+                    "aspect-bucketed stage's buckets), or neither (its square).")
+  return (int(height), int(width))
+
+
 def prepare_cascade(*, workdirs=(), stages=(), clip_guidance_scale: float = 0.0,
-                    clip_checkpoint: str | None = None, **settings):
+                    clip_checkpoint: str | None = None, height: int | None = None,
+                    width: int | None = None, **settings):
   """(Cascade, description per stage, text-encoder description) of training ``workdirs``
   (or exported ``stages``), base first, with sample.py's settings (``stage_settings``)
   applied. ``clip_guidance_scale`` > 0 guides the base stage with the (noise-aware) CLIP
-  in ``clip_checkpoint`` (GLIDE's CLIP guidance, diffusion.clip_guidance). Every value is
-  checked before a checkpoint is read or anything compiles (UserError, one line).
+  in ``clip_checkpoint`` (GLIDE's CLIP guidance, diffusion.clip_guidance). ``height`` /
+  ``width``: the base stage's output, one of its aspect buckets (SDXL; default its square).
+  Every value is checked before a checkpoint is read or anything compiles (UserError, one
+  line).
   """
   workdirs, stages = list(workdirs or ()), list(stages or ())
   num_stages = len(_stage_sources(workdirs, stages))  # (the per-stage values need it)
   per_stage, checkpoint_steps = stage_settings(num_stages, num_workdirs=len(workdirs),
                                                **settings)
+  per_stage[0]["size"] = sample_size(height, width)
   clip_scale = float(clip_guidance_scale or 0.0)
   guide = clip_guide(clip_checkpoint, clip_scale) if clip_scale else None
   cascade, described, text_meta = load_cascade(
@@ -525,9 +563,9 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
   (outdir / "images").mkdir(parents=True, exist_ok=True)
   written = []
   for spec, stage_images in zip(described, outputs, strict=True):
-    res = spec["resolution"]
+    res = f"{spec['resolution']}" if not spec.get("size") else "x".join(map(str, spec["size"]))
     grid_image = images.make_grid(stage_images, prompts, columns=min(4, len(prompts)),
-                                  scale=max(1, 128 // res))
+                                  scale=max(1, 128 // max(stage_images.shape[1:3])))
     written.append(images.save_png(grid_image,
                                    outdir / f"stage{len(written) + 1}_{res}px.png"))
     for b, image in enumerate(images.to_uint8(stage_images)):
@@ -549,6 +587,8 @@ def regenerate_command(workdirs, stages, seed: int, described: list[dict],
   else:
     command += [f"--stages={','.join(map(str, stages))}"]
   command.append(f"--seed={seed}")
+  if described[0].get("size"):
+    command += [f"--height={described[0]['size'][0]}", f"--width={described[0]['size'][1]}"]
   for flag, (field, _) in SPEC_SETTINGS.items():
     values = ["" if d.get(field) is None else str(d[field]) for d in described]
     if any(values):  # (refine_strength is None, so absent, unless a stage refines)

@@ -56,8 +56,11 @@ def _prepare_hint(name: str, data_dir: str) -> str:
           "(on a machine that can download its source files)")
 
 
-def open_tfds_source(dataset: str | tfds.core.DatasetBuilder, data_dir: str | None, split: str):
+def open_tfds_source(dataset: str | tfds.core.DatasetBuilder, data_dir: str | None, split: str,
+                     decoders: dict | None = None):
   """The random-access source of a prepared split, and the dataset's features.
+  ``decoders``: tfds decoders per feature (e.g. ``tfds.decode.SkipDecoding()`` for images
+  that are not needed).
 
   Returns (source: Sequence of example dicts, features: tfds FeaturesDict, name: str).
   Raises ValueError / FileNotFoundError with one message saying what is wrong and how to fix it.
@@ -83,7 +86,7 @@ def open_tfds_source(dataset: str | tfds.core.DatasetBuilder, data_dir: str | No
       raise ValueError(f"Cannot use dataset {dataset!r}: {str(error).splitlines()[0]}") from None
   name = f"{builder.name}/{builder.builder_config.name}" if builder.builder_config else builder.name
   try:
-    source = builder.as_data_source(split=split)
+    source = builder.as_data_source(split=split, decoders=decoders)
   except Exception as error:
     if not builder.is_prepared():
       raise FileNotFoundError(f"Dataset {name!r} is not prepared in data_dir {data_dir!r} "
@@ -152,6 +155,18 @@ def downsample(image: np.ndarray, size: int) -> np.ndarray:
 def to_unit_range(image: np.ndarray) -> np.ndarray:
   """uint8 [..., 3] -> float32 in [-1, 1]."""
   return image.astype(np.float32) / 127.5 - 1.0
+
+
+def stack(examples: Sequence[dict]) -> dict:
+  """Examples (dicts of arrays and str) -> a batch: arrays stacked, strings an object array."""
+  batch = {}
+  for key, value in examples[0].items():
+    values = [example[key] for example in examples]
+    if isinstance(value, str):
+      batch[key] = np.array(values, dtype=object)
+    else:
+      batch[key] = np.stack(values)
+  return batch
 
 
 class InputPipeline:
@@ -251,7 +266,7 @@ class InputPipeline:
     dataset = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     dataset = dataset.batch(self.batch_size, drop_remainder=drop_remainder,
-                            batch_fn=self._stack)
+                            batch_fn=stack)
     self._iterator = iter(dataset)
 
   @property
@@ -300,17 +315,6 @@ class InputPipeline:
       value = example[key]
       out[key] = _to_str(value) if dtype.kind in "OSU" else np.asarray(value, dtype)
     return out
-
-  @staticmethod
-  def _stack(examples: Sequence[dict]) -> dict:
-    batch = {}
-    for key, value in examples[0].items():
-      values = [example[key] for example in examples]
-      if isinstance(value, str):
-        batch[key] = np.array(values, dtype=object)
-      else:
-        batch[key] = np.stack(values)
-    return batch
 
   def __iter__(self):
     return self

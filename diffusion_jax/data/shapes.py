@@ -9,7 +9,9 @@ Geometry lives in normalised image coordinates (x right, y down, the image is [0
 scene renders consistently at any resolution: each pixel's value is its analytic coverage by
 the shape, computed from a signed distance function (``render``), i.e. a box filter of the
 continuous picture. Rendering at 64 px and 2x2-averaging is therefore close to rendering at
-32 px, which super-resolution stages rely on.
+32 px, which super-resolution stages rely on. A non-square scene (``Scene.extent``, SDXL's
+aspect buckets: ``relayout``) is measured in units of the image's shorter side: the image is
+[0, width / shorter] x [0, height / shorter].
 
 Colour x shape pairs in ``HELD_OUT_PAIRS`` never appear in ``train`` or ``validation`` scenes
 (not as any object); every ``test_compositional`` scene contains at least one of them.
@@ -93,18 +95,23 @@ class Scene:
   background: tuple[int, int, int]
   objects: tuple[SceneObject, ...]
   spec: dict
+  # (width, height) in units of the shorter side: (1, 1) for a square image.
+  extent: tuple[float, float] = (1.0, 1.0)
 
   def to_json(self) -> str:
     # vars(), not dataclasses.asdict: the latter deep-copies and dominates dataset preparation.
-    return json.dumps({"background": list(self.background),
-                       "objects": [vars(o) for o in self.objects],
-                       "spec": self.spec, "held_out": has_held_out_pair(self)}, sort_keys=True)
+    data = {"background": list(self.background), "objects": [vars(o) for o in self.objects],
+            "spec": self.spec, "held_out": has_held_out_pair(self)}
+    if tuple(self.extent) != (1.0, 1.0):  # (square scenes: the stored datasets' JSON)
+      data["extent"] = list(self.extent)
+    return json.dumps(data, sort_keys=True)
 
   @classmethod
   def from_json(cls, text: str) -> Scene:
     data = json.loads(text)
     objects = tuple(SceneObject(**{**o, "rgb": tuple(o["rgb"])}) for o in data["objects"])
-    return cls(tuple(data["background"]), objects, data["spec"])
+    return cls(tuple(data["background"]), objects, data["spec"],
+               tuple(data.get("extent", (1.0, 1.0))))
 
 
 def has_held_out_pair(scene: Scene) -> bool:
@@ -144,11 +151,13 @@ def _choose_kind(rng, max_objects: int, weights: dict[str, float]) -> str:
   return kinds[rng.choice(len(kinds), p=p / p.sum())]
 
 
-def _uniform_centre(rng, radius: float, box=(0.0, 1.0, 0.0, 1.0)) -> tuple[float, float]:
-  """A centre inside `box` = (x0, x1, y0, y1) with the whole object inside the image."""
-  lo, hi = radius + MARGIN, 1.0 - radius - MARGIN
-  x0, x1 = max(box[0], lo), min(box[1], hi)
-  y0, y1 = max(box[2], lo), min(box[3], hi)
+def _uniform_centre(rng, radius: float, box=(0.0, 1.0, 0.0, 1.0),
+                    extent=(1.0, 1.0)) -> tuple[float, float]:
+  """A centre inside `box` = (x0, x1, y0, y1) with the whole object inside the image
+  [0, extent[0]] x [0, extent[1]]."""
+  lo = radius + MARGIN
+  x0, x1 = max(box[0], lo), min(box[1], extent[0] - radius - MARGIN)
+  y0, y1 = max(box[2], lo), min(box[3], extent[1] - radius - MARGIN)
   return float(rng.uniform(x0, max(x0, x1))), float(rng.uniform(y0, max(y0, y1)))
 
 
@@ -166,10 +175,16 @@ def _relation_holds(a: tuple, b: tuple, relation: str, gap: float) -> bool:
   return along >= a[2] + b[2] + gap and abs(across) <= 0.6 * along
 
 
-def _place(rng, radii: list[float], relation: str | None = None) -> list[tuple[float, float]]:
+def _scaled_box(box, extent) -> tuple[float, float, float, float]:
+  return (box[0] * extent[0], box[1] * extent[0], box[2] * extent[1], box[3] * extent[1])
+
+
+def _place(rng, radii: list[float], relation: str | None = None,
+           extent=(1.0, 1.0)) -> list[tuple[float, float]]:
   """Non-overlapping centres for objects of the given radii (rejection sampling)."""
+  box = _scaled_box((0.0, 1.0, 0.0, 1.0), extent)
   for _ in range(1000):
-    centres = [_uniform_centre(rng, r) for r in radii]
+    centres = [_uniform_centre(rng, r, box, extent) for r in radii]
     circles = [(x, y, r) for (x, y), r in zip(centres, radii, strict=True)]
     apart = all(np.hypot(a[0] - b[0], a[1] - b[1]) >= a[2] + b[2] + 0.04
                 for i, a in enumerate(circles) for b in circles[i + 1:])
@@ -230,6 +245,31 @@ def sample_scene(rng: np.random.Generator, *, held_out: bool = False, max_object
       for (g, _), (x, y), r in zip(members, centres, radii, strict=True))
   spec = {"kind": kind, "groups": groups, "relation": relation, "position": position}
   return Scene(background, objects, spec)
+
+
+def bucket_extent(height: int, width: int) -> tuple[float, float]:
+  """The ``Scene.extent`` of a height x width image: (width, height) / the shorter side."""
+  short = min(height, width)
+  return (width / short, height / short)
+
+
+def relayout(scene: Scene, extent: tuple[float, float], rng: np.random.Generator) -> Scene:
+  """``scene``'s objects (shapes, colours, sizes, order: the same caption) placed anew in
+  a frame of ``extent`` (``bucket_extent``), keeping what its spec asserts: the relation
+  between its first two objects, a single object's position (the boxes stretch with the
+  frame), no overlaps. Sizes stay in units of the shorter side, so every constraint that
+  holds in the unit square holds in the wider frame (SDXL's aspect buckets, Podell et al.
+  2023, section 2.3)."""
+  radii = [o.radius for o in scene.objects]
+  spec = scene.spec
+  if spec["kind"] == "single":
+    box = _POSITION_BOXES.get(spec["position"], (0.0, 1.0, 0.0, 1.0))
+    centres = [_uniform_centre(rng, radii[0], _scaled_box(box, extent), extent)]
+  else:
+    centres = _place(rng, radii, spec["relation"], extent)
+  objects = tuple(dataclasses.replace(o, x=round(x, 5), y=round(y, 5))
+                  for o, (x, y) in zip(scene.objects, centres, strict=True))
+  return dataclasses.replace(scene, objects=objects, extent=tuple(map(float, extent)))
 
 
 def _jitter(rng, rgb, amount: int) -> tuple[int, int, int]:
@@ -375,28 +415,34 @@ def shape_sdf(shape: str, px: np.ndarray, py: np.ndarray, radius: float) -> np.n
   return _polygon_sdf(px, py, vertices)
 
 
-def render(scene: Scene, resolution: int) -> np.ndarray:
-  """Renders `scene` as uint8 [resolution, resolution, 3].
+def render(scene: Scene, resolution: int | tuple[int, int]) -> np.ndarray:
+  """Renders `scene` as uint8 [resolution, resolution, 3], or [height, width, 3] for
+  ``resolution`` = (height, width) (the scene's ``extent`` times the shorter side, to a pixel).
 
   A pixel's coverage is clip(0.5 - d, 0, 1) with d the signed distance from its centre to the
   shape edge, in pixels: the exact area coverage along straight edges, so the same scene looks
   the same (up to pixel size) at any resolution. Objects are painted over each other in order.
   """
-  image = np.empty((resolution, resolution, 3), np.float32)
+  height, width = (resolution, resolution) if np.ndim(resolution) == 0 else resolution
+  scale = min(height, width)  # pixels per unit: the shorter side
+  if abs(scene.extent[0] * scale - width) > 1 or abs(scene.extent[1] * scale - height) > 1:
+    raise ValueError(f"a scene of extent {scene.extent} (width, height) cannot be rendered at "
+                     f"{height}x{width} px: relayout it for that aspect ratio first.")
+  image = np.empty((height, width, 3), np.float32)
   image[...] = np.asarray(scene.background, np.float32)
   for obj in scene.objects:
     # Only the pixels near the object: keeps rendering cheap at 256 px.
-    extent = 1.25 * obj.radius + 1.5 / resolution
-    x0 = max(0, int(np.floor((obj.x - extent) * resolution)))
-    x1 = min(resolution, int(np.ceil((obj.x + extent) * resolution)))
-    y0 = max(0, int(np.floor((obj.y - extent) * resolution)))
-    y1 = min(resolution, int(np.ceil((obj.y + extent) * resolution)))
+    extent = 1.25 * obj.radius + 1.5 / scale
+    x0 = max(0, int(np.floor((obj.x - extent) * scale)))
+    x1 = min(width, int(np.ceil((obj.x + extent) * scale)))
+    y0 = max(0, int(np.floor((obj.y - extent) * scale)))
+    y1 = min(height, int(np.ceil((obj.y + extent) * scale)))
     if x0 >= x1 or y0 >= y1:
       continue
-    centres_x = (np.arange(x0, x1) + 0.5) / resolution - obj.x
-    centres_y = (np.arange(y0, y1) + 0.5) / resolution - obj.y
+    centres_x = (np.arange(x0, x1) + 0.5) / scale - obj.x
+    centres_y = (np.arange(y0, y1) + 0.5) / scale - obj.y
     px, py = np.meshgrid(centres_x, centres_y)
-    coverage = np.clip(0.5 - shape_sdf(obj.shape, px, py, obj.radius) * resolution, 0.0, 1.0)
+    coverage = np.clip(0.5 - shape_sdf(obj.shape, px, py, obj.radius) * scale, 0.0, 1.0)
     coverage = coverage[..., None].astype(np.float32)
     patch = image[y0:y1, x0:x1]
     patch += coverage * (np.asarray(obj.rgb, np.float32) - patch)
