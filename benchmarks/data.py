@@ -23,6 +23,10 @@ measured as it trains):
   demo_sr@256               demo_sr's U-Net run at 256 <- 64 px, full frame, batch 4: the
                             cheapest 256 px stage in the repo, so the strictest check; the
                             paper's sr256 preset consumes far fewer images per second.
+  demo_base with buckets    demo_base's input with SDXL's aspect buckets (BUCKETS: each
+                            scene re-laid out and rendered at its batch's bucket, no PNG
+                            decode; data/buckets.py), beside demo_base's step (a bucket has
+                            about the square's pixels, so about its step time).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import tempfile
 import time
 
 from diffusion_jax.data import shapes_tfds
+from diffusion_jax.data.buckets import BucketedShapesPipeline
 from diffusion_jax.data.pipeline import InputPipeline
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
@@ -47,6 +52,7 @@ import cli  # noqa: E402  (experiments/cli.py: one error line, exit 2)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STAGES = ("demo_base", "demo_sr", "demo_sr@256")
+BUCKETS = ((32, 32), (24, 40), (40, 24))
 MARGIN = 10.0
 
 
@@ -72,7 +78,13 @@ def pipeline_row(stage: str, config) -> tuple:
   data_res = d.shapes_resolution or d.resolution
   label = f"{d.resolution}px" + (f" crops of {data_res}px" if d.crop == "random" else "")
   label += (f" + lowres {d.lowres_resolution}px" if d.lowres_resolution else "") + f", {d.crop}"
-  return label, data_res, d.resolution, d.lowres_resolution, d.crop, stage
+  return label, data_res, d.resolution, d.lowres_resolution, d.crop, None, stage
+
+
+def bucket_row() -> tuple:
+  """pipeline_row's tuple for demo_base's input with BUCKETS."""
+  label = "buckets " + ",".join(f"{h}x{w}" for h, w in BUCKETS) + ", rendered"
+  return label, 32, 32, None, "center", BUCKETS, "demo_base"
 
 
 def _cpu_seconds() -> float:
@@ -94,13 +106,18 @@ def time_preparation(data_dir, resolution, num_train):
   return total, time.perf_counter() - start, _cpu_seconds() - cpu
 
 
-def time_pipeline(data_dir, data_resolution, num_train, resolution, lowres, crop, batch_size,
-                  num_examples):
+def time_pipeline(data_dir, data_resolution, num_train, resolution, lowres, crop, buckets,
+                  batch_size, num_examples):
   """Examples/s of the input pipeline over >= num_examples examples, after one warm-up batch."""
   name = "shapes/" + shapes_tfds.config_name(data_resolution, num_train)
-  pipeline = InputPipeline(name, data_dir=data_dir, caption_key="caption", resolution=resolution,
-                           lowres_resolution=lowres, crop=crop, global_batch_size=batch_size,
-                           process_index=0, process_count=1)
+  if buckets:
+    pipeline = BucketedShapesPipeline(name, data_dir=data_dir, buckets=buckets, crop=crop,
+                                      global_batch_size=batch_size, process_index=0,
+                                      process_count=1)
+  else:
+    pipeline = InputPipeline(name, data_dir=data_dir, caption_key="caption",
+                             resolution=resolution, lowres_resolution=lowres, crop=crop,
+                             global_batch_size=batch_size, process_index=0, process_count=1)
   next(pipeline)  # threads start, files open
   batches = math.ceil(num_examples / batch_size)
   start = time.perf_counter()
@@ -154,7 +171,7 @@ def main(argv=None):
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench_tfds_")
   os.makedirs(data_dir, exist_ok=True)
   configs = {stage: stage_config(stage, args.batch_256) for stage in STAGES}
-  rows = [pipeline_row(stage, config) for stage, config in configs.items()]
+  rows = [pipeline_row(stage, config) for stage, config in configs.items()] + [bucket_row()]
   print(f"data_dir={data_dir}  cpus={os.cpu_count()}  "
         f"load average at start={os.getloadavg()[0]:.1f}")
   try:
@@ -170,10 +187,10 @@ def main(argv=None):
 
     print(f"\n{'pipeline':<40}{'batch':>7}{'ex/s':>10}")
     rates = []
-    for label, data_res, res, lowres, crop, stage in rows:
+    for label, data_res, res, lowres, crop, buckets, stage in rows:
       batch = configs[stage].train.batch_size
-      rate = time_pipeline(data_dir, data_res, args.num_train, res, lowres, crop, batch,
-                           args.examples)
+      rate = time_pipeline(data_dir, data_res, args.num_train, res, lowres, crop, buckets,
+                           batch, args.examples)
       rates.append(rate)
       print(f"{label:<40}{batch:>7}{rate:>10.0f}", flush=True)
   finally:

@@ -505,8 +505,8 @@ def prepare_cascade(*, workdirs=(), stages=(), clip_guidance_scale: float = 0.0,
   cascade, described, text_meta = load_cascade(
       workdirs, stages, checkpoint_steps=checkpoint_steps, per_stage=per_stage)
   for source, stage in zip(_stage_sources(workdirs, stages), cascade.stages, strict=True):
-    for described in stage.conditioning:
-      kind = described["kind"]
+    for condition in stage.conditioning:
+      kind = condition["kind"]
       if kind in CONDITIONED_TOOLS:
         raise UserError(f"{source} is conditioned on {kind} as well as text: sample it with "
                         f"{CONDITIONED_TOOLS[kind]}.")

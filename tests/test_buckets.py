@@ -174,32 +174,50 @@ def test_a_bucketed_stage_trains_one_shape_per_step_and_resumes_the_sequence(dat
   assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
-def _random_stage(size):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """A bucketed stage with random params (zero-initialised layers would hide the
+  conditioning), exported with the offline T5 it reads: (directory, encoder)."""
+  from diffusion_jax import text as text_lib
+
+  encoder = text_lib.TextEncoder.from_pretrained("t5-offline", max_length=8)
   target = conditioning.TargetSize(BUCKETS)
-  cfg = _config(**conditioning.unet_requirements((target,)))
+  cfg = _config(text_width=encoder.width, **conditioning.unet_requirements((target,)))
   model = unet_lib.UNet(cfg)
-  params = nn.unbox(model.init(jax.random.key(0), **unet_lib.example_inputs(cfg, 1)))
-  # Zero-initialised layers hide the conditioning at init: random values everywhere.
-  leaves, tree = jax.tree.flatten(params["params"])
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  params = jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape)
+
+  @jax.jit  # (one program: initialising op by op takes many times longer)
+  def random_params(key):
+    params = nn.unbox(model.init(key, **unet_lib.example_inputs(cfg, 1)))["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape)
                                      for k, x in zip(keys, leaves, strict=True)])
-  spec = cascade.StageSpec(resolution=16, num_steps=2, guidance_scale=1.0, size=size)
-  return cascade.Stage(model, params, spec, conditioning=(target.to_json(),))
+
+  spec = cascade.StageSpec(resolution=16, num_steps=2, guidance_scale=1.0)
+  stage = cascade.Stage(model, random_params(jax.random.key(0)), spec,
+                        conditioning=(target.to_json(),))
+  directory = tmp_path_factory.mktemp("export") / "stage"
+  cascade.export_stage(stage, directory, {"encoder": "t5-offline", "max_length": 8,
+                                          "id": encoder.encoder_id})
+  return directory, encoder
 
 
-def test_sampling_at_a_bucket_gives_its_shape_and_its_size_conditions_the_network():
-  stage = _random_stage((12, 20))
-  text = th.HashText()
-  prompts = ["a red circle", "a star"]
-  out = cascade.Cascade([stage], text).sample(prompts, jax.random.key(0))[0]
+def test_sampling_at_a_bucket_gives_its_shape_and_its_size_conditions_the_network(exported):
+  import sampling
+
+  directory, encoder = exported
+  prompts = ["red", "a star"]  # (within the 8 byte-level tokens)
+  loaded, described, _ = sampling.prepare_cascade(stages=[str(directory)], height=12,
+                                                  width=20)
+  assert "--height=12" in sampling.regenerate_command([], [directory], 0, described)
+  out = loaded.sample(prompts, jax.random.key(0))[0]
   assert out.shape == (2, 12, 20, 3)
-  emb, mask = text.encode(prompts)
-  null_emb, null_mask = text.encode([""])
+  stage = loaded.stages[0]
+  emb, mask = encoder.encode(prompts)
+  null_emb, null_mask = encoder.encode([""])
   null = {"text_emb": jnp.asarray(null_emb[0]), "text_mask": jnp.asarray(null_mask[0])}
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), i))(
       jnp.arange(2, dtype=jnp.uint32))
-
   grid = stage.spec.grid()  # (numpy, built outside the trace)
 
   @jax.jit
@@ -209,16 +227,17 @@ def test_sampling_at_a_bucket_gives_its_shape_and_its_size_conditions_the_networ
         grid, image_shape=(12, 20, 3), parameterization="v",
         extra_cond={"micro_cond": jnp.broadcast_to(target, (2, 2))})
 
+  # The bucket's size is its conditioning (crop (0, 0) has no values without micro=True).
   np.testing.assert_allclose(out, sample(jnp.asarray([12.0, 20.0])), atol=1e-5)
   assert float(jnp.abs(sample(jnp.asarray([16.0, 16.0])) - out).max()) > 1e-3
   transposed = cascade.replace_spec(stage, size=(20, 12))
   with pytest.raises(ValueError, match="20x12 is not one of the stage's aspect buckets"):
-    cascade.Cascade([transposed], text)
+    cascade.Cascade([transposed], encoder)
   with pytest.raises(ValueError, match="trained on 16x16 images only"):
-    cascade.Cascade([dataclasses.replace(stage, conditioning=())], text)
+    cascade.Cascade([dataclasses.replace(stage, conditioning=())], encoder)
 
 
-def test_bad_buckets_and_sizes_stop_with_one_line(tmp_path):
+def test_bad_buckets_and_sizes_stop_with_one_line(exported, tmp_path):
   import builders
   import conditioning_builders
   import latent_builders
@@ -238,12 +257,9 @@ def test_bad_buckets_and_sizes_stop_with_one_line(tmp_path):
   config.data.aspect_buckets, config.data.crop = BUCKETS, "random"
   with pytest.raises(builders.ConfigError, match="crop 'center' or 'random_rescale'"):
     conditioning_builders.conditions(config)
-  # sample.py: a size that is not a bucket, before any param is read (an exported stage).
-  stage = _random_stage(None)
-  cascade.export_stage(stage, tmp_path / "stage", {"encoder": "none", "max_length": 8,
-                                                   "id": "none"})
+  # sample.py: a size that is not a bucket, before any param is read.
   r = subprocess.run([sys.executable, str(ROOT / "experiments" / "sample.py"),
-                      f"--stages={tmp_path / 'stage'}", "--prompts=a star", "--height=20",
+                      f"--stages={exported[0]}", "--prompts=a star", "--height=20",
                       "--width=12", f"--outdir={tmp_path / 'out'}"],
                      capture_output=True, text=True, timeout=600, cwd=ROOT)
   line = one_error_line(r)
