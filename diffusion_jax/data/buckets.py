@@ -14,8 +14,8 @@ it at the bucket's size; the square bucket renders the stored scene as it is, i.
 stored image. So one prepared dataset serves every bucket list (a bucketed builder config
 would store each scene once per bucket, or tie each scene to one aspect ratio, and need
 re-preparing whenever the list changes); the same examples, shuffling, epochs, per-process
-shards and captions (the text cache) as ``InputPipeline``; and no PNG is decoded (rendering
-a small scene costs about what decoding it does: README "Measured").
+shards and captions (the text cache) as ``InputPipeline``. Rendering costs more than
+decoding the PNG would, but stays far ahead of the train step (README "Measured").
 
 Which bucket: batch n (counted from the start of the stream, so a restored state continues
 the sequence) is bucket ``bucket_index(seed, n, probabilities)``, an independent draw with
