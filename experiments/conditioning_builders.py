@@ -55,8 +55,8 @@ def aspect_buckets(config: ml_collections.ConfigDict) -> tuple:
   the U-Net's divisor (``stage_unet_config`` checks it), and ``bucket_weights`` with it."""
   from diffusion_jax.data import buckets as buckets_lib
 
-  d = config.data
-  raw = d.get("aspect_buckets") or ()  # (configs written before the field: none)
+  d = config.get("data")
+  raw = (d.get("aspect_buckets") if d else None) or ()  # (older configs: no such field)
   if not raw:
     return ()
   if d.dataset != "shapes":
