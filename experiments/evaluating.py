@@ -47,6 +47,14 @@ def _max_objects(workdirs) -> int:
   return int(config.data.get("shapes_max_objects", 3))
 
 
+def fd_captions(num: int, max_objects: int) -> list[str]:
+  """The validation captions FD-probe samples (``fd_probe``; rendered at 8 px: cheap)."""
+  from diffusion_jax.data import shapes
+
+  return [shapes.make_example(0, "validation", i, 8, max_objects=max_objects)[1]
+          for i in range(num)]
+
+
 def fd_probe(features, sample_fn, num: int, resolution: int, max_objects: int,
              batch_size: int, fid_features=None) -> dict:
   """Frechet distance of ``features`` (images [B, H, W, 3] uint8 -> [B, D]; FD-probe with
@@ -147,8 +155,13 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   _check(categories, images_per_prompt, fd_images, batch_size)
   fid_net = load_fid_features(fid_weights, fd_images) if fid_weights else None
   clip = load_clip_scorer(clip_score_model) if clip_score_model else None
+  prompts = None
+  if sampler_kwargs.get("classifier_guidance_scale"):
+    # Every prompt to be sampled, so the classifier refuses one it cannot read up front.
+    prompts = [p.text for p in shapes_eval.suite(categories)] + fd_captions(
+        fd_images, _max_objects(list(workdirs or [])))
   cascade, described, text_meta = sampling.prepare_cascade(workdirs=workdirs, stages=stages,
-                                                           **sampler_kwargs)
+                                                           prompts=prompts, **sampler_kwargs)
   max_objects = _max_objects(list(workdirs or []))
   if probe is None and probe_path:
     if not pathlib.Path(probe_path).exists():
