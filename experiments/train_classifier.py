@@ -27,26 +27,16 @@ flags.DEFINE_string("workdir", None, "Output directory (classifier/ and eval.jso
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def settings_from_config(config):
-  """The config as ``ClassifierTrainSettings`` (UserError, one line, on a bad value)."""
-  import builders
-
-  from diffusion_jax.training import classifier_train
-
-  fields = config.to_dict()
-  fields["schedule_kwargs"] = tuple(sorted(fields["schedule_kwargs"].items()))
-  fields["eval_times"] = tuple(fields["eval_times"])
-  return builders.checked("--config", classifier_train.ClassifierTrainSettings, **fields)
-
-
 def train_and_evaluate(config, workdir) -> dict:
   """Trains, saves ``workdir/classifier`` and ``workdir/eval.json``; returns the eval."""
   import dataclasses
 
+  import builders
+
   from diffusion_jax.models import attribute_classifier as ac_lib
   from diffusion_jax.training import classifier_train
 
-  settings = settings_from_config(config)
+  settings = builders.classifier_train_settings(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   classifier, summary = classifier_train.train(settings)

@@ -27,6 +27,7 @@ from diffusion_jax.training import classifier_train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT))  # for configs/
 
 M, S, D = 1.0, 0.3, 2
 
@@ -90,7 +91,7 @@ def test_guided_is_classifier_guidance_of_the_summed_log_softmax():
             "b": jnp.stack([x_t[:, 0] ** 2, -x_t[:, 1]], 1)}
 
   labels = {"a": jnp.array([2, 0, 1]), "b": jnp.array([1, cg.UNSTATED, 0])}
-  got = cg.classifier_guided(mixture_x0, logits_fn, labels, 2.0, "x0")(x, logsnr)
+  got = jax.jit(cg.classifier_guided(mixture_x0, logits_fn, labels, 2.0, "x0"))(x, logsnr)
 
   def log_p(x_t):
     la = jax.nn.log_softmax(logits_fn(x_t, logsnr)["a"])
@@ -98,7 +99,7 @@ def test_guided_is_classifier_guidance_of_the_summed_log_softmax():
     return (la[0, 2] + lb[0, 1]) + la[1, 0] + (la[2, 1] + lb[2, 0])  # row 1: b unstated
   alpha, sigma = alpha_sigma(logsnr)
   a, s = alpha[:, None], sigma[:, None]
-  eps = (x - a * mixture_x0(x, logsnr)) / s - 2.0 * s * jax.grad(log_p)(x)
+  eps = (x - a * mixture_x0(x, logsnr)) / s - 2.0 * s * jax.jit(jax.grad(log_p))(x)
   np.testing.assert_allclose(got, (x - s * eps) / a, rtol=1e-4, atol=1e-5)
   assert cg.classifier_guided(mixture_x0, logits_fn, labels, 0.0, "x0") is mixture_x0
 
@@ -120,58 +121,85 @@ def test_prompt_labels_of_shapes_captions():
 
 
 TINY = classifier_train.ClassifierTrainSettings(
-    resolution=8, width=8, levels=2, num_train=32, num_eval=16, batch_size=16, num_steps=30,
+    resolution=8, width=8, levels=2, num_train=32, num_eval=16, batch_size=32, num_steps=30,
     warmup_steps=1, learning_rate=1e-2, schedule_kwargs=(("base_resolution", 8),
                                                          ("resolution", 8)),
     eval_times=(0.0, 0.5))
 
 
-def test_classifier_shapes_and_its_loss_falls_on_noised_renders():
-  classifier = ac_lib.init(TINY.classifier_config())
-  x = jnp.zeros((5, 8, 8, 3))
-  logits = classifier.logits(x, jnp.zeros((5,)))
+@pytest.fixture(scope="module")
+def tiny_classifier():
+  """TINY's classifier as ``train`` initialises it (its seed)."""
+  return ac_lib.init(TINY.classifier_config(), seed=TINY.seed)
+
+
+def test_classifier_shapes_its_loss_falls_and_accuracy_by_noise_level(tiny_classifier):
+  classifier = tiny_classifier
+  logits = jax.eval_shape(classifier.logits, jnp.zeros((5, 8, 8, 3)), jnp.zeros((5,)))
   assert {k: v.shape for k, v in logits.items()} == {"colour": (5, 8), "shape": (5, 6),
                                                      "position": (5, 5)}
+  with pytest.raises(ValueError, match=r"reads \[B, 8, 8, 3\]"):
+    jax.eval_shape(classifier.logits, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))
+  # train() renders these same 32 images and draws batches of all 32: memorised, the
+  # loss on one fixed draw of x_t at low noise must fall.
   images, labels = classifier_train.render_examples("train", 32, 8, count_fraction=0.3)
   assert images.shape == (32, 8, 8, 3) and labels.shape == (32, 3)
   assert (labels[:, :2] >= 0).all() and (labels[:, 2] == cg.UNSTATED).any()
-  tx = classifier_train.make_optimizer(TINY)
-  step = classifier_train.make_train_step(classifier, tx, TINY.make_schedule())
-  schedule = TINY.make_schedule()
-  logsnr = schedule.logsnr(jnp.linspace(0.0, 0.4, 32))  # the noise levels it must learn
-  x_t = schedules.q_sample(images, jax.random.normal(jax.random.key(9), images.shape), logsnr)
+  logsnr = TINY.make_schedule().logsnr(jnp.linspace(0.0, 0.4, 32))
+  noise = np.random.default_rng(9).standard_normal(images.shape).astype(np.float32)
+  x_t = schedules.q_sample(images, noise, logsnr)
 
   @jax.jit
-  def held_loss(params):  # on one fixed draw of x_t
+  def held_loss(params):
     return classifier_train.classification_loss(classifier.logits(x_t, logsnr, params),
                                                 labels, classifier.config.names)
 
-  params, opt_state = classifier.params, tx.init(classifier.params)
-  before = float(held_loss(params))
-  for i in range(TINY.num_steps):  # one batch of 32, memorised: the loss must fall
-    params, opt_state, _ = step(params, opt_state, images, labels, jax.random.key(i))
-  after = float(held_loss(params))
-  assert after < 0.7 * before, (before, after)  # (measured: 1.87 -> 1.06)
-  with pytest.raises(ValueError, match=r"reads \[B, 8, 8, 3\]"):
-    classifier.logits(jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))
+  before = float(held_loss(classifier.params))
+  trained, summary = classifier_train.train(TINY, log=lambda s: None)
+  after = float(held_loss(trained.params))
+  assert after < 0.7 * before, (before, after)  # (measured: 1.81 -> 1.19)
+  assert summary["steps"] == TINY.num_steps
+  accuracy = classifier_train.accuracy_by_noise_level(trained, TINY)
+  for split in ("validation", "held_out"):
+    assert [level["t"] for level in accuracy[split]] == [0.0, 0.5]
+    assert [level["clean"] for level in accuracy[split]] == [True, False]
+    for level in accuracy[split]:
+      assert level["colour_images"] == level["shape_images"] == 16
+      assert all(0.0 <= level[n] <= 1.0 for n in ("colour", "shape"))
 
 
-def test_save_load_round_trip_and_one_line_errors(tmp_path):
-  classifier = ac_lib.init(TINY.classifier_config(), seed=3)
+def test_config_is_the_settings_dataclass():
+  import builders
+
+  from configs import attribute_classifier_shapes as config_file
+  assert builders.classifier_train_settings(config_file.get_config()) == \
+      classifier_train.ClassifierTrainSettings()
+  smoke = builders.classifier_train_settings(config_file.get_config("smoke"))
+  assert smoke.resolution == 8 and dict(smoke.schedule_kwargs)["resolution"] == 8
+  bad = config_file.get_config("smoke").unlock()
+  bad.count_fraction = 1.0
+  with pytest.raises(builders.UserError, match="count_fraction"):
+    builders.classifier_train_settings(bad)
+  with pytest.raises(ValueError, match="':smoke'"):
+    config_file.get_config("tiny")
+
+
+def test_save_load_round_trip_and_one_line_errors(tiny_classifier, tmp_path):
+  classifier = tiny_classifier
   ac_lib.save(classifier, tmp_path / "classifier")
   loaded = ac_lib.load(tmp_path / "classifier")
   x, lam = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)), jnp.array([0.0, 3.0])
-  for name, value in classifier.logits(x, lam).items():
-    np.testing.assert_allclose(loaded.logits(x, lam)[name], value, rtol=1e-6)
+  logits = jax.jit(lambda params: classifier.logits(x, lam, params))
+  for name, value in logits(classifier.params).items():
+    np.testing.assert_allclose(logits(loaded.params)[name], value, rtol=1e-6)
   assert loaded.config == classifier.config
   clip_dir = tmp_path / "clip"
   clip_dir.mkdir()
   (clip_dir / "config.json").write_text(json.dumps({"model_type": "clip"}))
-  wider = ac_lib.init(ac_lib.ClassifierConfig(classifier.config.attributes, resolution=8,
-                                              width=16, levels=2))
-  ac_lib.save(wider, tmp_path / "wider")
-  (tmp_path / "wider" / ac_lib.PARAMS_NAME).write_bytes(
-      (tmp_path / "classifier" / ac_lib.PARAMS_NAME).read_bytes())
+  ac_lib.save(classifier, tmp_path / "wider")  # its JSON then claims another width
+  meta = json.loads((tmp_path / "wider" / ac_lib.CONFIG_NAME).read_text())
+  meta["config"]["width"] = 16
+  (tmp_path / "wider" / ac_lib.CONFIG_NAME).write_text(json.dumps(meta))
   for where, error, message in ((tmp_path / "none", FileNotFoundError, "no attribute-"),
                                 (clip_dir, ValueError, "holds a clip config.json"),
                                 (tmp_path / "wider", ValueError, "architecture")):
@@ -180,7 +208,7 @@ def test_save_load_round_trip_and_one_line_errors(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_guide_builders_refuse_bad_flags_in_one_line(tmp_path):
+def test_guide_builders_refuse_bad_flags_in_one_line(tiny_classifier, tmp_path):
   import guide_builders
   from builders import UserError
 
@@ -195,7 +223,7 @@ def test_guide_builders_refuse_bad_flags_in_one_line(tmp_path):
        "not an attribute-classifier directory")):
     with pytest.raises(UserError, match=message):
       guide_builders.load_guides(settings)
-  ac_lib.save(ac_lib.init(TINY.classifier_config()), tmp_path / "classifier")
+  ac_lib.save(tiny_classifier, tmp_path / "classifier")
   guides = guide_builders.load_guides({"classifier_guidance_scale": 2.0,
                                        "classifier_checkpoint": str(tmp_path / "classifier")})
   with pytest.raises(UserError, match="names 2"):
