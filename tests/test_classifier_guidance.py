@@ -157,7 +157,7 @@ def test_classifier_shapes_its_loss_falls_and_accuracy_by_noise_level(tiny_class
   before = float(held_loss(classifier.params))
   trained, summary = classifier_train.train(TINY, log=lambda s: None)
   after = float(held_loss(trained.params))
-  assert after < 0.7 * before, (before, after)  # (measured: 1.81 -> 1.19)
+  assert after < 0.8 * before, (before, after)  # (measured: 1.81 -> 1.19; chance 1.83)
   assert summary["steps"] == TINY.num_steps
   accuracy = classifier_train.accuracy_by_noise_level(trained, TINY)
   for split in ("validation", "held_out"):
@@ -233,6 +233,18 @@ def test_guide_builders_refuse_bad_flags_in_one_line(tiny_classifier, tmp_path):
       "clip_guidance": None, "classifier_guidance": {"scale": 2.0, "checkpoint": "c"}}
 
 
+def test_a_sweep_axis_of_the_scale_is_checked_before_training():
+  import evaluation_adapter
+  from builders import UserError
+
+  evaluator = evaluation_adapter.ShapesEvaluator({})
+  evaluator.check({"classifier_guidance_scale": 2.0, "classifier_checkpoint": "c"}, 2, "arm")
+  for overrides, message in (({"classifier_guidance_scale": 2.0}, "needs --classifier_"),
+                             ({"classifier_guidance_scale": -2.0}, "must be >= 0")):
+    with pytest.raises(UserError, match=f"arm: --classifier_guidance_scale.*{message}"):
+      evaluator.check(overrides, 2, "arm")
+
+
 def test_sample_flags_refuse_in_one_line_exit_2(tmp_path):
   (tmp_path / "clip").mkdir()
   (tmp_path / "clip" / "config.json").write_text(json.dumps({"model_type": "clip"}))
@@ -244,3 +256,43 @@ def test_sample_flags_refuse_in_one_line_exit_2(tmp_path):
   line = one_error_line(r)
   assert f"--classifier_checkpoint={tmp_path / 'clip'}: " in line
   assert "not an attribute-classifier directory" in line
+
+
+@pytest.mark.slow  # a U-Net trained two steps, then sample.py three times
+def test_sample_py_guides_the_base_stage_and_records_it(tiny_classifier, tmp_path):
+  import test_sample
+  from PIL import Image
+
+  from configs import demo_base
+  base = test_sample._train(tmp_path / "base",
+                            test_sample._tiny(demo_base.get_config("smoke"), 8))
+  trained, _ = classifier_train.train(TINY, log=lambda s: None)
+  checkpoint = ac_lib.save(trained, tmp_path / "classifier")
+  common = [f"--workdirs={base}", "--prompts=a red circle", "--prompts=two blue squares",
+            "--steps=3", "--sampler=ddim", "--guidance_scale=2", "--seed=1"]
+  r = test_sample._sample(*common, f"--outdir={tmp_path / 'plain'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = test_sample._sample(*common, "--classifier_guidance_scale=30",
+                          f"--classifier_checkpoint={checkpoint}",
+                          f"--outdir={tmp_path / 'guided'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  record = json.loads((tmp_path / "guided" / "samples.json").read_text())
+  assert record["classifier_guidance"] == {"scale": 30.0, "checkpoint": str(checkpoint)}
+  assert record["clip_guidance"] is None
+  assert (f"--classifier_guidance_scale=30.0 --classifier_checkpoint={checkpoint}"
+          in record["regenerate"])
+  plain, guided = (np.asarray(Image.open(tmp_path / d / "images" / "0000_8px.png"))
+                   for d in ("plain", "guided"))
+  assert plain.shape == guided.shape and np.abs(plain.astype(int) - guided).max() > 0
+  # Refused in one line before sampling: a prompt of two kinds of object, a classifier
+  # of another resolution than the base stage.
+  r = test_sample._sample(common[0], "--prompts=a red circle and a blue star",
+                          "--classifier_guidance_scale=3",
+                          f"--classifier_checkpoint={checkpoint}",
+                          f"--outdir={tmp_path / 'bad'}")
+  assert "names 2" in one_error_line(r)
+  wide = ac_lib.save(ac_lib.init(ac_lib.ClassifierConfig(
+      classifier_train.SHAPES_ATTRIBUTES, resolution=16, width=8, levels=2)), tmp_path / "c16")
+  r = test_sample._sample(common[0], "--prompts=a red circle", "--classifier_guidance_scale=3",
+                          f"--classifier_checkpoint={wide}", f"--outdir={tmp_path / 'bad'}")
+  assert "reads (16, 16, 3) images, the guided stage samples (8, 8, 3)" in one_error_line(r)
