@@ -15,6 +15,7 @@ import json
 import pathlib
 import time
 
+import guide_builders
 import numpy as np
 import sampling
 from builders import UserError
@@ -155,14 +156,15 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   _check(categories, images_per_prompt, fd_images, batch_size)
   fid_net = load_fid_features(fid_weights, fd_images) if fid_weights else None
   clip = load_clip_scorer(clip_score_model) if clip_score_model else None
-  prompts = None
-  if sampler_kwargs.get("classifier_guidance_scale"):
-    # Every prompt to be sampled, so the classifier refuses one it cannot read up front.
-    prompts = [p.text for p in shapes_eval.suite(categories)] + fd_captions(
-        fd_images, _max_objects(list(workdirs or [])))
   cascade, described, text_meta = sampling.prepare_cascade(workdirs=workdirs, stages=stages,
-                                                           prompts=prompts, **sampler_kwargs)
+                                                           **sampler_kwargs)
   max_objects = _max_objects(list(workdirs or []))
+  # Every prompt to be sampled, so a guide refuses one it cannot read before compiling.
+  guide_builders.check_prompts(cascade.guides, [p.text for p in shapes_eval.suite(categories)],
+                               " Choose those with --categories.")
+  guide_builders.check_prompts(cascade.guides, fd_captions(fd_images, max_objects),
+                               f" (an FD-probe caption of {max_objects}-object scenes: "
+                               "--fd_images=0, or a stage trained on 1-object scenes)")
   if probe is None and probe_path:
     if not pathlib.Path(probe_path).exists():
       raise UserError(f"--probe_path {probe_path} does not exist; omit it to use (and on "

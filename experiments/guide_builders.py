@@ -86,14 +86,15 @@ def check_stage(guides: list, stage, source: str) -> None:
         raise UserError(f"--classifier_checkpoint with {source}: {e}") from None
 
 
-def check_prompts(guides: list, prompts) -> None:
-  """UserError (one line) for a prompt a guide cannot read, before anything compiles."""
+def check_prompts(guides: list, prompts, hint: str = "") -> None:
+  """UserError (one line, ``hint`` appended) for a prompt a guide cannot read, before
+  anything compiles."""
   for guide in guides:
     try:
       if hasattr(guide, "check_prompts"):  # (a CLIP reads any prompt)
         guide.check_prompts(list(prompts))
     except ValueError as e:
-      raise UserError(str(e)) from None
+      raise UserError(f"{e}{hint}") from None
 
 
 def record(settings: dict) -> dict:

@@ -104,6 +104,26 @@ def test_guided_is_classifier_guidance_of_the_summed_log_softmax():
   assert cg.classifier_guided(mixture_x0, logits_fn, labels, 0.0, "x0") is mixture_x0
 
 
+def test_composes_with_clip_guidance_as_the_sum_of_both_shifts():
+  from diffusion_jax.diffusion import clip_guidance
+
+  x = jax.random.normal(jax.random.key(4), (3, D))
+  logsnr = jnp.array([-2.0, 0.0, 1.5])
+  embed = lambda x_t, lam: x_t / jnp.linalg.norm(x_t, axis=1, keepdims=True)  # noqa: E731
+  text_emb = jnp.array([0.6, 0.8])
+  labels = {"component": jnp.array([0, 1, 0])}
+  both = cg.classifier_guided(clip_guidance.clip_guided(mixture_x0, embed, text_emb, 3.0, "x0"),
+                              component_logits, labels, 1.5, "x0")
+  cos = clip_guidance.similarity_fn(embed, text_emb)
+  log_p = cg.attribute_log_prob_fn(component_logits, labels)
+  alpha, sigma = alpha_sigma(logsnr)
+  a, s = alpha[:, None], sigma[:, None]
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(3.0 * cos(v, logsnr) + 1.5 * log_p(v, logsnr))))
+  eps = (x - a * mixture_x0(x, logsnr)) / s - s * grad(x)
+  np.testing.assert_allclose(jax.jit(both)(x, logsnr), (x - s * eps) / a, rtol=1e-4,
+                             atol=1e-5)
+
+
 def test_prompt_labels_of_shapes_captions():
   attrs = classifier_train.SHAPES_ATTRIBUTES
   got = cg.prompt_labels(["a red circle", "two blue squares",
