@@ -316,3 +316,27 @@ def test_sample_py_guides_the_base_stage_and_records_it(tiny_classifier, tmp_pat
   r = test_sample._sample(common[0], "--prompts=a red circle", "--classifier_guidance_scale=3",
                           f"--classifier_checkpoint={wide}", f"--outdir={tmp_path / 'bad'}")
   assert "reads (16, 16, 3) images, the guided stage samples (8, 8, 3)" in one_error_line(r)
+
+
+def test_train_classifier_refuses_a_bad_config_in_one_line(tmp_path):
+  script = str(ROOT / "experiments" / "train_classifier.py")
+  r = subprocess.run([sys.executable, script,
+                      "--config=configs/attribute_classifier_shapes.py:smoke",
+                      "--config.count_fraction=1.5", f"--workdir={tmp_path}"],
+                     capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert "--config: count_fraction must lie in [0, 1)" in one_error_line(r)
+
+
+@pytest.mark.slow  # the script end to end (~25 s)
+def test_train_classifier_writes_a_loadable_classifier_and_eval(tmp_path):
+  r = subprocess.run([sys.executable, str(ROOT / "experiments" / "train_classifier.py"),
+                      "--config=configs/attribute_classifier_shapes.py:smoke",
+                      f"--workdir={tmp_path}"], capture_output=True, text=True, cwd=ROOT,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  classifier = ac_lib.load(tmp_path / "classifier")
+  assert classifier.config.resolution == 8 and classifier.info["train"]["steps"] == 3
+  result = json.loads((tmp_path / "eval.json").read_text())
+  assert [level["t"] for level in result["accuracy"]["validation"]] == [0.0, 0.25, 0.5, 0.75,
+                                                                        0.9]
+  assert result["attributes"]["colour"][0] == "red"
