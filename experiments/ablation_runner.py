@@ -14,6 +14,7 @@ import pathlib
 import time
 from typing import Any
 
+import ablation_frozen
 import builders
 import ml_collections
 from builders import UserError
@@ -63,15 +64,22 @@ def load_sweep(spec: str) -> tuple[sweep_lib.Sweep, dict]:
   return sweep, c
 
 
+def _identity(value, shown=""):
+  del shown
+  return value
+
+
 def stage_config(sweep: sweep_lib.Sweep, arm: sweep_lib.Arm, stage: str,
-                 cache: dict) -> ml_collections.ConfigDict:
-  """The stage's config file with the arm's overrides of that stage applied (checked)."""
+                 cache: dict, resolve=_identity) -> ml_collections.ConfigDict:
+  """The stage's config file with the arm's overrides of that stage applied (checked);
+  ``resolve`` turns ``"@name"`` values into frozen models' directories."""
   spec = sweep.config_file(stage)
   if spec not in cache:
     cache[spec] = load_python_config(spec, f"stage {stage!r}")
   config = ml_collections.ConfigDict(cache[spec].to_dict())  # a copy, unlocked
   for path, value in sweep.stage_overrides(arm, stage).items():
-    apply_override(config, path, value, f"{stage}.{path}")
+    shown = f"{stage}.{path}"
+    apply_override(config, path, resolve(value, shown), shown)
   return config
 
 
@@ -137,9 +145,12 @@ def apply_compute_budget(config, tflop: float, shown: str) -> dict:
   return {"gflop_per_step": gflop, "budget_tflop": tflop}
 
 
-def plan(sweep: sweep_lib.Sweep, evaluator, equal_compute=None) -> list[dict]:
+def plan(sweep: sweep_lib.Sweep, evaluator, equal_compute=None, resolve=_identity,
+         count_flops: bool = True) -> list[dict]:
   """Every arm with its stages' configs and training-run directories, all checked;
-  ``equal_compute`` ({stage: TFLOP}) sets each such stage's steps from its step's FLOPs."""
+  ``equal_compute`` ({stage: TFLOP}) sets each such stage's steps from its step's FLOPs
+  (``count_flops=False`` defers that count, for stages whose frozen models are not trained
+  yet); ``resolve`` replaces ``"@name"`` override values (ablation_frozen)."""
   budgets = equal_compute_budgets(sweep, equal_compute)
   cache: dict = {}
   planned = []
@@ -147,15 +158,16 @@ def plan(sweep: sweep_lib.Sweep, evaluator, equal_compute=None) -> list[dict]:
     stages = sweep.stages_of(arm)
     configs, compute = {}, {}
     for stage in stages:
-      config = stage_config(sweep, arm, stage, cache)
+      config = stage_config(sweep, arm, stage, cache, resolve)
       shown = f"arm {arm.name}, stage {stage!r}"
       check_stage_config(config, shown)
-      if stage in budgets:
+      if stage in budgets and count_flops:
         compute[stage] = apply_compute_budget(config, budgets[stage], shown)
       configs[stage] = config
-    evaluator.check(arm.sample_overrides, num_stages=len(stages),
-                    shown=f"arm {arm.name}")
+    sample = {k: resolve(v, f"sample.{k}") for k, v in arm.sample_overrides.items()}
+    evaluator.check(sample, num_stages=len(stages), shown=f"arm {arm.name}")
     planned.append({"arm": arm, "stages": stages, "configs": configs, "compute": compute,
+                    "sample": sample,
                     "runs": {s: sweep.stage_run_name(arm, s) for s in stages}})
   return planned
 
@@ -217,14 +229,25 @@ def run(sweep_spec: str, root: str, *, report_only: bool = False, dry_run: bool 
   sweep, c = load_sweep(sweep_spec)
   sweep_dir = pathlib.Path(root) / sweep.name
   evaluator = evaluator or evaluation_adapter.ShapesEvaluator(dict(c.get("evaluate", {})))
-  planned = plan(sweep, evaluator, c.get("equal_compute"))  # every check, before anything runs
+  frozen = ablation_frozen.parse(c.get("frozen"), load_python_config, apply_override)
+  resolve = ablation_frozen.resolver(frozen, sweep_dir)
+  ready = all(m.ready(sweep_dir) for m in frozen.values())
+  # Every check before anything runs; FLOP counts that need an untrained frozen model (a
+  # latent stage's autoencoder) wait until it is trained.
+  planned = plan(sweep, evaluator, c.get("equal_compute"), resolve, count_flops=ready)
   if dry_run:
+    for m in frozen.values():
+      log(f"frozen {m.kind} {m.name} ({m.config}) -> frozen/{m.name}"
+          + (" (trained)" if m.ready(sweep_dir) else ""))
     for p in planned:
       log(f"{p['arm'].name}: " + ", ".join(f"{s} <- train/{s}/{r}" for s, r in
                                            p["runs"].items()))
     return []
   if not report_only:
-    _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log)
+    frozen_records = ablation_frozen.train_all(frozen, sweep_dir, log)
+    if not ready:
+      planned = plan(sweep, evaluator, c.get("equal_compute"), resolve)
+    _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log, frozen_records)
   records = report.collect(sweep_dir)
   if records:
     write_report(sweep_dir, records, c.get("report", {}))
@@ -232,7 +255,7 @@ def run(sweep_spec: str, root: str, *, report_only: bool = False, dry_run: bool 
   return records
 
 
-def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log) -> None:
+def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log, frozen=None) -> None:
   finished_here, durations = 0, []
   while True:
     pending = [p for p in planned
@@ -264,12 +287,14 @@ def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log) -> None:
           continue
         log(f"evaluating {p['arm'].name}")
         metrics = evaluator.evaluate([train[s]["workdir"] for s in p["stages"]], arm_dir,
-                                     p["arm"].sample_overrides)
+                                     p["sample"])
         arm = p["arm"]
-        _write_json(arm_dir / report.RESULT_FILE, {
-            "name": arm.name, "overrides": list(arm.overrides), "varying": list(arm.varying),
-            "stages": list(p["stages"]), "train": train, "metrics": metrics,
-            "eval_minutes": (time.time() - start) / 60})
+        record = {"name": arm.name, "overrides": list(arm.overrides),
+                  "varying": list(arm.varying), "stages": list(p["stages"]), "train": train,
+                  "metrics": metrics, "eval_minutes": (time.time() - start) / 60}
+        if frozen:
+          record["frozen"] = frozen
+        _write_json(arm_dir / report.RESULT_FILE, record)
       durations.append(time.time() - start)
       finished_here += 1
       progressed = True
