@@ -220,8 +220,10 @@ def _progress(done: int, running: int, left: int, durations: list[float], log) -
 
 
 def run(sweep_spec: str, root: str, *, report_only: bool = False, dry_run: bool = False,
-        worker: str = "", max_arms: int | None = None, evaluator=None, log=None) -> list[dict]:
-  """Runs (or reports) a sweep; returns the finished arms' result records."""
+        worker: str = "", max_arms: int | None = None, evaluator=None, log=None,
+        export: str | None = None) -> list[dict]:
+  """Runs (or reports) a sweep; returns the finished arms' result records. ``export``: a
+  directory (e.g. docs/ablations/<sweep>) that gets a copy of the report."""
   import evaluation_adapter
 
   log = log or (lambda msg: print(f"[ablate{':' + worker if worker else ''}] {msg}",
@@ -252,7 +254,28 @@ def run(sweep_spec: str, root: str, *, report_only: bool = False, dry_run: bool 
   if records:
     write_report(sweep_dir, records, c.get("report", {}))
     log(f"wrote {sweep_dir / 'results.md'}, results.csv and plots/ ({len(records)} arms)")
+    if export:
+      export_report(sweep_dir, pathlib.Path(export))
+      log(f"copied the report to {export}")
   return records
+
+
+def export_report(sweep_dir: pathlib.Path, dest: pathlib.Path) -> None:
+  """The tables, plots and each arm's result.json and examples.png (no checkpoints) copied
+  to ``dest``, for docs/."""
+  import shutil
+
+  dest.mkdir(parents=True, exist_ok=True)
+  for name in ("results.md", "results.csv"):
+    shutil.copy2(sweep_dir / name, dest / name)
+  if (sweep_dir / "plots").is_dir():
+    shutil.copytree(sweep_dir / "plots", dest / "plots", dirs_exist_ok=True)
+  for arm in sorted((sweep_dir / "arms").glob(f"*/{report.RESULT_FILE}")):
+    out = dest / "arms" / arm.parent.name
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(arm, out / arm.name)
+    if (arm.parent / "examples.png").exists():
+      shutil.copy2(arm.parent / "examples.png", out / "examples.png")
 
 
 def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log, frozen=None) -> None:

@@ -281,6 +281,14 @@ def test_two_arm_sweep_runs_reports_skips_and_resumes(tmp_path):
   assert [m for m in logs if m.startswith("evaluating")] == ["evaluating guidance_scale=2"]
   assert not any(m.startswith("training") for m in logs)
   assert len(records) == 2 and (arm / "result.json").exists()
+  # --report --export copies what docs/ keeps: tables, plots, each arm's result and examples.
+  docs = tmp_path / "docs"
+  ablation_runner.run(str(sweep), str(tmp_path / "runs"), report_only=True, export=str(docs),
+                      log=lambda m: None)
+  assert (docs / "results.md").read_text() == (root / "results.md").read_text()
+  assert (docs / "plots" / "colour_shape_vs_guidance_scale.png").exists()
+  assert sorted(p.name for p in (docs / "arms" / "guidance_scale=2").iterdir()) == [
+      "examples.png", "result.json"]
 
 
 def test_equal_compute_sets_each_arms_steps_from_its_step_flops(tmp_path):
