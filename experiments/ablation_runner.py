@@ -61,6 +61,11 @@ def load_sweep(spec: str) -> tuple[sweep_lib.Sweep, dict]:
         fixed=as_dict(c.get("fixed", {})))
   except sweep_lib.SweepError as e:
     raise UserError(f"--sweep {spec}: {e}") from None
+  for within in dict(c.get("report", {})).get("within", ()):
+    keys, required = set(within), {"metric", "reference", "group", "cost"}
+    if not required <= keys or keys - required - {"tolerance"}:
+      raise UserError(f"--sweep {spec}: report 'within' entry {within!r} needs exactly "
+                      "metric, reference, group, cost and optional tolerance.")
   return sweep, c
 
 
@@ -309,12 +314,14 @@ def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log, frozen=None)
         if len(train) < len(p["stages"]):
           continue
         log(f"evaluating {p['arm'].name}")
+        sample_start = time.time()
         metrics = evaluator.evaluate([train[s]["workdir"] for s in p["stages"]], arm_dir,
                                      p["sample"])
         arm = p["arm"]
         record = {"name": arm.name, "overrides": list(arm.overrides),
                   "varying": list(arm.varying), "stages": list(p["stages"]), "train": train,
-                  "metrics": metrics, "eval_minutes": (time.time() - start) / 60}
+                  "metrics": metrics, "eval_minutes": (time.time() - start) / 60,
+                  "sample_minutes": (time.time() - sample_start) / 60}
         if frozen:
           record["frozen"] = frozen
         _write_json(arm_dir / report.RESULT_FILE, record)
@@ -330,9 +337,12 @@ def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log, frozen=None)
 def write_report(sweep_dir: pathlib.Path, records: list[dict], spec) -> None:
   """Tables, then plots: every metric against every varying axis; the Pareto fronts and
   training curves the sweep's ``report`` asks for."""
-  report.write_tables(sweep_dir, records)
-  plots = sweep_dir / "plots"
   spec = dict(spec)
+  sections = []
+  for within in spec.get("within", ()):  # e.g. the cheapest steps near 250-step DDIM
+    sections += report.within_reference(records, **within) + [""]
+  report.write_tables(sweep_dir, records, sections)
+  plots = sweep_dir / "plots"
   metrics = spec.get("metrics") or sorted({m for r in records for m in r.get("metrics", {})})
   axes = list(dict.fromkeys(p for r in records for p in r.get("varying", [])))
   for axis in axes:
