@@ -37,6 +37,7 @@ COMPLETE = "frozen_complete.json"
 KINDS = {
     "autoencoder": ("experiments/train_autoencoder.py", "autoencoder"),
     "clip": ("experiments/train_clip.py", "clip"),
+    "classifier": ("experiments/train_classifier.py", "classifier"),
 }
 
 

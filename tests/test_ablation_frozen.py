@@ -23,7 +23,7 @@ def _parse(value):
 
 @pytest.mark.parametrize("value,message", [
     ({"ae": {"kind": "vae", "config": "configs/autoencoder_shapes.py"}},
-     "kind='vae'; choose one of autoencoder, clip"),
+     "kind='vae'; choose one of autoencoder, classifier, clip"),
     ({"ae": {"kind": "autoencoder"}}, "'config' must name a config file"),
     ({"ae": {"kind": "autoencoder", "config": "configs/nope.py"}}, "no such config file"),
     ({"clip": {"kind": "clip", "config": "configs/clip_shapes.py:noisy",
