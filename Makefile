@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test test-all demo data-real real-results edit-results unclip-results lint bench bench-peer clean
+.PHONY: test test-all demo data-real real-results edit-results unclip-results ablation-results lint bench bench-peer clean
 
 $(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -116,6 +116,17 @@ unclip-results: $(STAMP)
 	  --images_per_prompt=4 --num_inputs=96 --variations_per_input=4 --outdir=docs/unclip/unclip
 	$(PY) experiments/evaluate.py --workdirs=runs/edit_results/demo_base \
 	  --categories=colour_shape --images_per_prompt=4 --fd_images=0 --outdir=docs/unclip/text
+
+# The ablation studies (README "Ablation results", docs/ablations/<sweep>/): each sweep of
+# configs/sweeps/ run (resumed if interrupted; finished arms are kept), then its tables,
+# plots and per-arm results copied to docs/. Step and FLOP budgets, so the results do not
+# depend on the machine's load; SWEEPS= picks some.
+SWEEPS ?= guidance samplers weighting cascade text_encoder clip_guidance latent
+ablation-results: $(STAMP)
+	for s in $(SWEEPS); do \
+	  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/ablate.py \
+	    --sweep=configs/sweeps/$$s.py --root=runs/sweeps --export=docs/ablations/$$s || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -21,6 +21,7 @@ can be regenerated alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from collections.abc import Callable, Sequence
@@ -68,7 +69,8 @@ def sample_stage(model: nn.Module, params: Any, text_emb: jnp.ndarray,
   (guidance_schedules.weight_fn); a constant 1 runs the conditional model alone (one
   network call per step).
   ``guide``: optional ``model_fn -> model_fn`` applied after classifier-free guidance and
-  before thresholding (e.g. ``diffusion.clip_guidance.clip_guided``).
+  before thresholding (e.g. ``diffusion.clip_guidance.clip_guided``,
+  ``diffusion.classifier_guidance.classifier_guided``).
   ``preconditioning``: the stage's EDM wrapper, or None (``stage_model_fn``).
   ``extra_cond`` / ``null_extra``: the stage's other conditions (``guided_model_fn``).
   """
@@ -368,8 +370,12 @@ class Cascade:
   """An ordered list of stages sharing one text encoder (``encode(prompts) -> (emb,
   mask)``); the first stage is the base stage."""
 
-  def __init__(self, stages: Sequence[Stage], text_encoder, clip_guide=None):
-    """``clip_guide``: optional ``clip_guidance.ClipGuide`` steering the base stage."""
+  def __init__(self, stages: Sequence[Stage], text_encoder, clip_guide=None,
+               guides: Sequence = ()):
+    """``guides``: what steers the base stage, each with ``encode(prompts)`` -> a pytree of
+    [B, ...] arrays and ``wrapper(encoded, parameterization)`` -> a model_fn wrapper
+    (``clip_guidance.ClipGuide``, ``classifier_guidance.ClassifierGuide``), applied in
+    order after classifier-free guidance; ``clip_guide``: a ClipGuide put first."""
     if not stages:
       raise ValueError("A cascade needs at least one stage.")
     if stages[0].super_resolution:
@@ -405,7 +411,7 @@ class Cascade:
       if error:
         raise ValueError(f"Stage {number} does not chain: {error}")
     self.stages, self.text_encoder = list(stages), text_encoder
-    self.clip_guide = clip_guide
+    self.guides = ([clip_guide] if clip_guide is not None else []) + list(guides)
     self._compiled: dict[int, Callable] = {}
 
   def _stage_fn(self, index: int) -> Callable:
@@ -421,11 +427,13 @@ class Cascade:
       grid = spec.grid()  # numpy, built outside the trace
       scale = spec.guidance_weight()
 
-      def run(params, text_emb, text_mask, null_cond, keys, lowres, clip_text=None,
+      def run(params, text_emb, text_mask, null_cond, keys, lowres, guide_inputs=None,
               extra_cond=None, null_extra=None):
         extra = {"extra_cond": extra_cond, "null_extra": null_extra}
-        if clip_text is not None:
-          extra["guide"] = self.clip_guide.wrapper(clip_text, spec.parameterization)
+        if guide_inputs is not None:
+          wrappers = [g.wrapper(inputs, spec.parameterization)
+                      for g, inputs in zip(self.guides, guide_inputs, strict=True)]
+          extra["guide"] = functools.reduce(lambda f, g: lambda m: g(f(m)), wrappers)
         if lowres is not None:
           # Noise-conditioning augmentation at the fixed level aug_level, per-image noise.
           logsnr = jnp.full((lowres.shape[0],), lowres_schedule.logsnr(spec.aug_level))
@@ -453,7 +461,7 @@ class Cascade:
     spec = stage.spec
     grid = spec.grid()
 
-    def run(params, text_emb, text_mask, null_cond, keys, previous, clip_text=None):
+    def run(params, text_emb, text_mask, null_cond, keys, previous, guide_inputs=None):
       return refine_stage(
           stage.model, params, text_emb, text_mask, null_cond, keys, grid, previous,
           spec.refine_strength, parameterization=spec.parameterization, sampler=spec.sampler,
@@ -485,11 +493,11 @@ class Cascade:
                  f"{f'{size[0]}x{size[1]}' if size else stage.spec.resolution} px, "
                  f"{stage.spec.sampler} x {stage.spec.num_steps} steps, guidance "
                  f"{stage.spec.guidance_scale}")
-      clip_text = (self.clip_guide.encode(prompts) if index == 0 and self.clip_guide
-                   else None)
+      guide_inputs = (tuple(g.encode(prompts) for g in self.guides)
+                      if index == 0 and self.guides else None)
       extra = {"extra_cond": extra_cond, "null_extra": null_extra} if index == 0 else {}
       images = stage.kind.decode(self._stage_fn(index)(stage.params, emb, mask, null, keys,
-                                                       lowres, clip_text, **extra))
+                                                       lowres, guide_inputs, **extra))
       lowres = images
       outputs.append(np.asarray(jax.device_get(images)))
     return outputs

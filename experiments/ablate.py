@@ -38,6 +38,8 @@ flags.DEFINE_bool("report", False, "Only regenerate tables and plots from the ar
 flags.DEFINE_bool("dry_run", False, "List the arms and their training runs, run nothing.")
 flags.DEFINE_string("worker", "", "A name for this worker in claim files and logs.")
 flags.DEFINE_integer("max_arms", None, "Stop after finishing this many arms.")
+flags.DEFINE_string("export", None, "Also copy the report (tables, plots, each arm's "
+                    "result.json and examples.png) to this directory, e.g. docs/ablations/x.")
 flags.mark_flags_as_required(["sweep"])
 
 
@@ -46,7 +48,8 @@ def main(argv):
   import ablation_runner
 
   ablation_runner.run(FLAGS.sweep, FLAGS.root, report_only=FLAGS.report,
-                      dry_run=FLAGS.dry_run, worker=FLAGS.worker, max_arms=FLAGS.max_arms)
+                      dry_run=FLAGS.dry_run, worker=FLAGS.worker, max_arms=FLAGS.max_arms,
+                      export=FLAGS.export)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pathlib
 import time
 from typing import Any
 
+import ablation_frozen
 import builders
 import ml_collections
 from builders import UserError
@@ -60,18 +61,30 @@ def load_sweep(spec: str) -> tuple[sweep_lib.Sweep, dict]:
         fixed=as_dict(c.get("fixed", {})))
   except sweep_lib.SweepError as e:
     raise UserError(f"--sweep {spec}: {e}") from None
+  for within in dict(c.get("report", {})).get("within", ()):
+    keys, required = set(within), {"metric", "reference", "group", "cost"}
+    if not required <= keys or keys - required - {"tolerance"}:
+      raise UserError(f"--sweep {spec}: report 'within' entry {within!r} needs exactly "
+                      "metric, reference, group, cost and optional tolerance.")
   return sweep, c
 
 
+def _identity(value, shown=""):
+  del shown
+  return value
+
+
 def stage_config(sweep: sweep_lib.Sweep, arm: sweep_lib.Arm, stage: str,
-                 cache: dict) -> ml_collections.ConfigDict:
-  """The stage's config file with the arm's overrides of that stage applied (checked)."""
+                 cache: dict, resolve=_identity) -> ml_collections.ConfigDict:
+  """The stage's config file with the arm's overrides of that stage applied (checked);
+  ``resolve`` turns ``"@name"`` values into frozen models' directories."""
   spec = sweep.config_file(stage)
   if spec not in cache:
     cache[spec] = load_python_config(spec, f"stage {stage!r}")
   config = ml_collections.ConfigDict(cache[spec].to_dict())  # a copy, unlocked
   for path, value in sweep.stage_overrides(arm, stage).items():
-    apply_override(config, path, value, f"{stage}.{path}")
+    shown = f"{stage}.{path}"
+    apply_override(config, path, resolve(value, shown), shown)
   return config
 
 
@@ -137,9 +150,12 @@ def apply_compute_budget(config, tflop: float, shown: str) -> dict:
   return {"gflop_per_step": gflop, "budget_tflop": tflop}
 
 
-def plan(sweep: sweep_lib.Sweep, evaluator, equal_compute=None) -> list[dict]:
+def plan(sweep: sweep_lib.Sweep, evaluator, equal_compute=None, resolve=_identity,
+         count_flops: bool = True) -> list[dict]:
   """Every arm with its stages' configs and training-run directories, all checked;
-  ``equal_compute`` ({stage: TFLOP}) sets each such stage's steps from its step's FLOPs."""
+  ``equal_compute`` ({stage: TFLOP}) sets each such stage's steps from its step's FLOPs
+  (``count_flops=False`` defers that count, for stages whose frozen models are not trained
+  yet); ``resolve`` replaces ``"@name"`` override values (ablation_frozen)."""
   budgets = equal_compute_budgets(sweep, equal_compute)
   cache: dict = {}
   planned = []
@@ -147,15 +163,16 @@ def plan(sweep: sweep_lib.Sweep, evaluator, equal_compute=None) -> list[dict]:
     stages = sweep.stages_of(arm)
     configs, compute = {}, {}
     for stage in stages:
-      config = stage_config(sweep, arm, stage, cache)
+      config = stage_config(sweep, arm, stage, cache, resolve)
       shown = f"arm {arm.name}, stage {stage!r}"
       check_stage_config(config, shown)
-      if stage in budgets:
+      if stage in budgets and count_flops:
         compute[stage] = apply_compute_budget(config, budgets[stage], shown)
       configs[stage] = config
-    evaluator.check(arm.sample_overrides, num_stages=len(stages),
-                    shown=f"arm {arm.name}")
+    sample = {k: resolve(v, f"sample.{k}") for k, v in arm.sample_overrides.items()}
+    evaluator.check(sample, num_stages=len(stages), shown=f"arm {arm.name}")
     planned.append({"arm": arm, "stages": stages, "configs": configs, "compute": compute,
+                    "sample": sample,
                     "runs": {s: sweep.stage_run_name(arm, s) for s in stages}})
   return planned
 
@@ -208,8 +225,10 @@ def _progress(done: int, running: int, left: int, durations: list[float], log) -
 
 
 def run(sweep_spec: str, root: str, *, report_only: bool = False, dry_run: bool = False,
-        worker: str = "", max_arms: int | None = None, evaluator=None, log=None) -> list[dict]:
-  """Runs (or reports) a sweep; returns the finished arms' result records."""
+        worker: str = "", max_arms: int | None = None, evaluator=None, log=None,
+        export: str | None = None) -> list[dict]:
+  """Runs (or reports) a sweep; returns the finished arms' result records. ``export``: a
+  directory (e.g. docs/ablations/<sweep>) that gets a copy of the report."""
   import evaluation_adapter
 
   log = log or (lambda msg: print(f"[ablate{':' + worker if worker else ''}] {msg}",
@@ -217,22 +236,54 @@ def run(sweep_spec: str, root: str, *, report_only: bool = False, dry_run: bool 
   sweep, c = load_sweep(sweep_spec)
   sweep_dir = pathlib.Path(root) / sweep.name
   evaluator = evaluator or evaluation_adapter.ShapesEvaluator(dict(c.get("evaluate", {})))
-  planned = plan(sweep, evaluator, c.get("equal_compute"))  # every check, before anything runs
+  frozen = ablation_frozen.parse(c.get("frozen"), load_python_config, apply_override)
+  resolve = ablation_frozen.resolver(frozen, sweep_dir)
+  ready = all(m.ready(sweep_dir) for m in frozen.values())
+  # Every check before anything runs; FLOP counts that need an untrained frozen model (a
+  # latent stage's autoencoder) wait until it is trained.
+  planned = plan(sweep, evaluator, c.get("equal_compute"), resolve, count_flops=ready)
   if dry_run:
+    for m in frozen.values():
+      log(f"frozen {m.kind} {m.name} ({m.config}) -> frozen/{m.name}"
+          + (" (trained)" if m.ready(sweep_dir) else ""))
     for p in planned:
       log(f"{p['arm'].name}: " + ", ".join(f"{s} <- train/{s}/{r}" for s, r in
                                            p["runs"].items()))
     return []
   if not report_only:
-    _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log)
+    frozen_records = ablation_frozen.train_all(frozen, sweep_dir, log)
+    if not ready:
+      planned = plan(sweep, evaluator, c.get("equal_compute"), resolve)
+    _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log, frozen_records)
   records = report.collect(sweep_dir)
   if records:
     write_report(sweep_dir, records, c.get("report", {}))
     log(f"wrote {sweep_dir / 'results.md'}, results.csv and plots/ ({len(records)} arms)")
+    if export:
+      export_report(sweep_dir, pathlib.Path(export))
+      log(f"copied the report to {export}")
   return records
 
 
-def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log) -> None:
+def export_report(sweep_dir: pathlib.Path, dest: pathlib.Path) -> None:
+  """The tables, plots and each arm's result.json and examples.png (no checkpoints) copied
+  to ``dest``, for docs/."""
+  import shutil
+
+  dest.mkdir(parents=True, exist_ok=True)
+  for name in ("results.md", "results.csv"):
+    shutil.copy2(sweep_dir / name, dest / name)
+  if (sweep_dir / "plots").is_dir():
+    shutil.copytree(sweep_dir / "plots", dest / "plots", dirs_exist_ok=True)
+  for arm in sorted((sweep_dir / "arms").glob(f"*/{report.RESULT_FILE}")):
+    out = dest / "arms" / arm.parent.name
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(arm, out / arm.name)
+    if (arm.parent / "examples.png").exists():
+      shutil.copy2(arm.parent / "examples.png", out / "examples.png")
+
+
+def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log, frozen=None) -> None:
   finished_here, durations = 0, []
   while True:
     pending = [p for p in planned
@@ -263,13 +314,17 @@ def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log) -> None:
         if len(train) < len(p["stages"]):
           continue
         log(f"evaluating {p['arm'].name}")
+        sample_start = time.time()
         metrics = evaluator.evaluate([train[s]["workdir"] for s in p["stages"]], arm_dir,
-                                     p["arm"].sample_overrides)
+                                     p["sample"])
         arm = p["arm"]
-        _write_json(arm_dir / report.RESULT_FILE, {
-            "name": arm.name, "overrides": list(arm.overrides), "varying": list(arm.varying),
-            "stages": list(p["stages"]), "train": train, "metrics": metrics,
-            "eval_minutes": (time.time() - start) / 60})
+        record = {"name": arm.name, "overrides": list(arm.overrides),
+                  "varying": list(arm.varying), "stages": list(p["stages"]), "train": train,
+                  "metrics": metrics, "eval_minutes": (time.time() - start) / 60,
+                  "sample_minutes": (time.time() - sample_start) / 60}
+        if frozen:
+          record["frozen"] = frozen
+        _write_json(arm_dir / report.RESULT_FILE, record)
       durations.append(time.time() - start)
       finished_here += 1
       progressed = True
@@ -282,9 +337,12 @@ def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log) -> None:
 def write_report(sweep_dir: pathlib.Path, records: list[dict], spec) -> None:
   """Tables, then plots: every metric against every varying axis; the Pareto fronts and
   training curves the sweep's ``report`` asks for."""
-  report.write_tables(sweep_dir, records)
-  plots = sweep_dir / "plots"
   spec = dict(spec)
+  sections = []
+  for within in spec.get("within", ()):  # e.g. the cheapest steps near 250-step DDIM
+    sections += report.within_reference(records, **within) + [""]
+  report.write_tables(sweep_dir, records, sections)
+  plots = sweep_dir / "plots"
   metrics = spec.get("metrics") or sorted({m for r in records for m in r.get("metrics", {})})
   axes = list(dict.fromkeys(p for r in records for p in r.get("varying", [])))
   for axis in axes:

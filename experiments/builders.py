@@ -436,6 +436,16 @@ def _train_in_workdir(config, workdir, model_cfg, steps, optimizer, loop, make_e
     raise UserError(str(e)) from None
 
 
+def classifier_train_settings(config: ml_collections.ConfigDict):
+  """configs/attribute_classifier_shapes.py -> ``ClassifierTrainSettings`` (ConfigError)."""
+  from diffusion_jax.training import classifier_train
+
+  fields = config.to_dict()
+  fields["schedule_kwargs"] = tuple(sorted(fields["schedule_kwargs"].items()))
+  fields["eval_times"] = tuple(fields["eval_times"])
+  return checked("--config", classifier_train.ClassifierTrainSettings, **fields)
+
+
 def setup_compilation_cache() -> None:
   """A persistent XLA compilation cache (repo/.cache/jax unless JAX_COMPILATION_CACHE_DIR
   is set), so re-running an experiment does not recompile."""

@@ -60,7 +60,8 @@ def main(argv):
   if dataset:
     evaluating_labelled.check_flags(
         dataset, categories=FLAGS.categories, probe_dir=FLAGS.probe_dir,
-        probe_path=FLAGS.probe_path, fid_weights=FLAGS.fid_weights)
+        probe_path=FLAGS.probe_path, fid_weights=FLAGS.fid_weights,
+        classifier_guidance_scale=FLAGS.classifier_guidance_scale)
     evaluating_labelled.run_labelled_evaluation(
         outdir=FLAGS.outdir, dataset=dataset, data_dir=data_dir,
         images_per_prompt=FLAGS.images_per_prompt, batch_size=FLAGS.batch_size,

@@ -15,6 +15,7 @@ import json
 import pathlib
 import time
 
+import guide_builders
 import numpy as np
 import sampling
 from builders import UserError
@@ -45,6 +46,14 @@ def _max_objects(workdirs) -> int:
     return 3
   config = sampling.load_workdir_config(workdirs[0])
   return int(config.data.get("shapes_max_objects", 3))
+
+
+def fd_captions(num: int, max_objects: int) -> list[str]:
+  """The validation captions FD-probe samples (``fd_probe``; rendered at 8 px: cheap)."""
+  from diffusion_jax.data import shapes
+
+  return [shapes.make_example(0, "validation", i, 8, max_objects=max_objects)[1]
+          for i in range(num)]
 
 
 def fd_probe(features, sample_fn, num: int, resolution: int, max_objects: int,
@@ -150,6 +159,12 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   cascade, described, text_meta = sampling.prepare_cascade(workdirs=workdirs, stages=stages,
                                                            **sampler_kwargs)
   max_objects = _max_objects(list(workdirs or []))
+  # Every prompt to be sampled, so a guide refuses one it cannot read before compiling.
+  guide_builders.check_prompts(cascade.guides, [p.text for p in shapes_eval.suite(categories)],
+                               " Choose those with --categories.")
+  guide_builders.check_prompts(cascade.guides, fd_captions(fd_images, max_objects),
+                               f" (an FD-probe caption of {max_objects}-object scenes: "
+                               "--fd_images=0, or a stage trained on 1-object scenes)")
   if probe is None and probe_path:
     if not pathlib.Path(probe_path).exists():
       raise UserError(f"--probe_path {probe_path} does not exist; omit it to use (and on "

@@ -55,7 +55,8 @@ def dataset_of_workdirs(workdirs) -> tuple[str | None, str | None]:
 
 
 def check_flags(dataset: str, **shapes_only) -> None:
-  """Refuses ShapesEval's flags for a labelled set (they would be silently ignored)."""
+  """Refuses ShapesEval's flags for a labelled set (they would be silently ignored, or, as
+  classifier guidance's shapes attribute classifier, could not read its prompts)."""
   given = sorted(name for name, value in shapes_only.items() if value)
   if given:
     raise UserError(f"--{given[0]} is a ShapesEval setting; the stages trained on {dataset}, "

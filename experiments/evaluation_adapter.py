@@ -59,6 +59,7 @@ class ShapesEvaluator:
     stage as sampling parses it, and each stage's settings checked on a stand-in spec),
     before anything trains."""
     import evaluating
+    import guide_builders
     import sampling
 
     from diffusion_jax import cascade
@@ -71,8 +72,9 @@ class ShapesEvaluator:
     params = inspect.signature(evaluating.run_evaluation).parameters
     assert all(k in params for k in EVALUATE_KEYS), "run_evaluation's arguments changed"
     settings = {k: _as_flag(v) for k, v in sample_overrides.items()
-                if k not in ("seed", "clip_guidance_scale", "clip_checkpoint")}
+                if k not in ("seed", *guide_builders.FLAGS)}
     try:
+      guide_builders.check(sample_overrides)
       per_stage, _ = sampling.stage_settings(num_stages, num_workdirs=num_stages, **settings)
       for own in per_stage:
         own = {k: v for k, v in own.items() if v is not None}

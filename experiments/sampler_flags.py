@@ -10,9 +10,10 @@ from absl import flags
 PER_STAGE = "One value, or one per stage."
 
 NAMES = ("workdirs", "stages", "seed", "checkpoint_steps", "aug_level", "clip_guidance_scale",
-         "clip_checkpoint", "sampler", "steps", "guidance_scale", "guidance_schedule",
-         "guidance_min", "threshold", "percentile", "grid", "rho", "eta", "variance", "churn",
-         "churn_tmin", "churn_tmax", "noise_scale", "refine_strength")
+         "clip_checkpoint", "classifier_guidance_scale", "classifier_checkpoint", "sampler",
+         "steps", "guidance_scale", "guidance_schedule", "guidance_min", "threshold",
+         "percentile", "grid", "rho", "eta", "variance", "churn", "churn_tmin", "churn_tmax",
+         "noise_scale", "refine_strength")
 
 
 def define() -> None:
@@ -28,6 +29,12 @@ def define() -> None:
                      "0: none); needs --clip_checkpoint.")
   flags.DEFINE_string("clip_checkpoint", None, "A (noise-aware) CLIP directory for "
                       "--clip_guidance_scale, e.g. from experiments/train_clip.py.")
+  flags.DEFINE_float("classifier_guidance_scale", 0.0, "Classifier guidance weight on the base "
+                     "stage (Dhariwal & Nichol; 0: none) toward the prompt's colour, shape "
+                     "and position; needs --classifier_checkpoint.")
+  flags.DEFINE_string("classifier_checkpoint", None, "A noise-aware attribute-classifier "
+                      "directory for --classifier_guidance_scale, e.g. <workdir>/classifier "
+                      "from experiments/train_classifier.py.")
   flags.DEFINE_list("sampler", None, f"ddpm | ddim | dpmpp_2m | euler | heun. {PER_STAGE}")
   flags.DEFINE_list("steps", None, f"Sampling steps. {PER_STAGE}")
   flags.DEFINE_list("guidance_scale", None, f"Classifier-free guidance scale. {PER_STAGE}")

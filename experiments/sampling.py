@@ -13,6 +13,7 @@ import json
 import pathlib
 
 import builders
+import guide_builders
 import ml_collections
 from builders import UserError
 
@@ -375,23 +376,6 @@ SAMPLER_OPTIONS = {"eta": float, "variance": str, "churn": float, "churn_tmin": 
                    "churn_tmax": float, "noise_scale": float}
 
 
-def clip_guide(checkpoint: str | None, scale: float):
-  """The ClipGuide for --clip_guidance_scale / --clip_checkpoint (UserError on bad input)."""
-  from diffusion_jax.diffusion import clip_guidance
-  from diffusion_jax.models import clip as clip_lib
-
-  if scale < 0:
-    raise UserError(f"--clip_guidance_scale={scale}; it must be >= 0 (0: no CLIP guidance).")
-  if not checkpoint:
-    raise UserError("--clip_guidance_scale needs --clip_checkpoint: a CLIP directory, e.g. "
-                    "<workdir>/clip written by experiments/train_clip.py with "
-                    "configs/clip_shapes.py:noisy.")
-  try:
-    return clip_guidance.ClipGuide(clip_lib.load(checkpoint), scale)
-  except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-    raise UserError(f"--clip_checkpoint={checkpoint}: {e}") from None
-
-
 @dataclasses.dataclass
 class SampleResult:
   """What ``sample_cascade`` made: ``images`` per stage ([B, H_k, W_k, C] floats in
@@ -484,33 +468,37 @@ def sample_size(height, width) -> tuple[int, int] | None:
   return (int(height), int(width))
 
 
-def prepare_cascade(*, workdirs=(), stages=(), clip_guidance_scale: float = 0.0,
-                    clip_checkpoint: str | None = None, height: int | None = None,
+def prepare_cascade(*, workdirs=(), stages=(), prompts=None, height: int | None = None,
                     width: int | None = None, **settings):
   """(Cascade, description per stage, text-encoder description) of training ``workdirs``
   (or exported ``stages``), base first, with sample.py's settings (``stage_settings``)
-  applied. ``clip_guidance_scale`` > 0 guides the base stage with the (noise-aware) CLIP
-  in ``clip_checkpoint`` (GLIDE's CLIP guidance, diffusion.clip_guidance). ``height`` /
-  ``width``: the base stage's output, one of its aspect buckets (SDXL; default its square).
-  Every value is checked before a checkpoint is read or anything compiles (UserError, one
-  line).
+  applied. The guide flags (``guide_builders.FLAGS``) steer the base stage:
+  ``clip_guidance_scale`` > 0 with the (noise-aware) CLIP in ``clip_checkpoint`` (GLIDE's
+  CLIP guidance, diffusion.clip_guidance), ``classifier_guidance_scale`` > 0 with the
+  attribute classifier in ``classifier_checkpoint`` (diffusion.classifier_guidance).
+  ``height`` / ``width``: the base stage's output, one of its aspect buckets (SDXL; default
+  its square). Every value (and each of ``prompts``, if given, against the guides) is
+  checked before a checkpoint is read or anything compiles (UserError, one line).
   """
+  guide_settings = {k: settings.pop(k) for k in guide_builders.FLAGS if k in settings}
   workdirs, stages = list(workdirs or ()), list(stages or ())
-  num_stages = len(_stage_sources(workdirs, stages))  # (the per-stage values need it)
-  per_stage, checkpoint_steps = stage_settings(num_stages, num_workdirs=len(workdirs),
+  sources = _stage_sources(workdirs, stages)
+  per_stage, checkpoint_steps = stage_settings(len(sources), num_workdirs=len(workdirs),
                                                **settings)
   per_stage[0]["size"] = sample_size(height, width)
-  clip_scale = float(clip_guidance_scale or 0.0)
-  guide = clip_guide(clip_checkpoint, clip_scale) if clip_scale else None
+  guides = guide_builders.load_guides(guide_settings)
+  if prompts is not None:
+    guide_builders.check_prompts(guides, prompts)
   cascade, described, text_meta = load_cascade(
       workdirs, stages, checkpoint_steps=checkpoint_steps, per_stage=per_stage)
-  for source, stage in zip(_stage_sources(workdirs, stages), cascade.stages, strict=True):
+  for source, stage in zip(sources, cascade.stages, strict=True):
     for condition in stage.conditioning:
       kind = condition["kind"]
       if kind in CONDITIONED_TOOLS:
         raise UserError(f"{source} is conditioned on {kind} as well as text: sample it with "
                         f"{CONDITIONED_TOOLS[kind]}.")
-  cascade.clip_guide = guide
+  guide_builders.check_stage(guides, cascade.stages[0], sources[0])
+  cascade.guides = guides
   return cascade, described, text_meta
 
 
@@ -522,9 +510,9 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
   every image alone and samples.json.
 
   ``settings``: ``prepare_cascade``'s (checkpoint steps, per-stage sampler settings, CLIP
-  guidance). Image i of the run (``first_index`` + its position) draws its randomness from
-  the seed and i alone. Every value is checked before a checkpoint is read or anything
-  compiles.
+  and classifier guidance). Image i of the run (``first_index`` + its position) draws its
+  randomness from the seed and i alone. Every value is checked before a checkpoint is read
+  or anything compiles.
   """
   import shlex
 
@@ -539,9 +527,7 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
                     "first prompt's image in the run).")
   workdirs, stages = list(workdirs or ()), list(stages or ())
   cascade, described, text_meta = prepare_cascade(workdirs=workdirs, stages=stages,
-                                                  **settings)
-  clip_scale = float(settings.get("clip_guidance_scale") or 0.0)
-  clip_checkpoint = settings.get("clip_checkpoint")
+                                                  prompts=prompts, **settings)
   if export_dir:
     for i, stage in enumerate(cascade.stages):
       cascade_lib.export_stage(stage, pathlib.Path(export_dir) / f"stage_{i + 1}", text_meta)
@@ -551,10 +537,9 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
       "prompts": prompts, "seed": seed, "first_index": first_index, "stages": described,
       "text_encoder": cascade.text_encoder.encoder_id,
       "checkpoint_steps": [d.get("step") for d in described],
-      "clip_guidance": ({"scale": clip_scale, "checkpoint": str(clip_checkpoint)}
-                        if clip_scale else None),
+      **guide_builders.record(settings),
       "regenerate": shlex.join(regenerate_command(workdirs, stages, seed, described,
-                                                  clip_scale, clip_checkpoint)) +
+                                                  settings)) +
                     " --prompts=<prompt i> --first_index=<i> --outdir=<dir>",
   }
   if outdir is None:
@@ -576,7 +561,7 @@ def sample_cascade(*, workdirs=(), stages=(), prompts=(), prompts_file=None, out
 
 
 def regenerate_command(workdirs, stages, seed: int, described: list[dict],
-                       clip_scale: float = 0.0, clip_checkpoint=None) -> list[str]:
+                       guide_settings: dict | None = None) -> list[str]:
   """The sample.py command (without prompts and outdir) that samples the same images:
   the loaded checkpoints pinned by step (so it still holds after training continues) and
   every stage's resolved setting spelt out, so no default can change under it."""
@@ -599,6 +584,4 @@ def regenerate_command(workdirs, stages, seed: int, described: list[dict],
   for name in SAMPLER_OPTIONS:
     if any(name in own for own in options):  # '' for a stage whose sampler lacks it
       command.append(f"--{name}={','.join(str(own.get(name, '')) for own in options)}")
-  if clip_scale:
-    command += [f"--clip_guidance_scale={clip_scale}", f"--clip_checkpoint={clip_checkpoint}"]
-  return command
+  return command + guide_builders.regenerate_flags(guide_settings or {})

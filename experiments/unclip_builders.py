@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import guide_builders
 import sampler_flags
 import sampling
 from builders import UserError
@@ -104,10 +105,10 @@ def load_decoder(f):
   config = decoder_config(f.workdirs[0])
   embedder, clip = load_clip(f, config)
   settings = {name: getattr(f, name) for name in sampler_flags.NAMES
-              if name not in ("workdirs", "stages", "seed", "clip_guidance_scale",
-                              "clip_checkpoint")}
-  if f.clip_guidance_scale:
-    raise UserError("--clip_guidance_scale is not supported by unclip.py.")
+              if name not in ("workdirs", "stages", "seed", *guide_builders.FLAGS)}
+  for kind in guide_builders.KINDS:
+    if getattr(f, kind.scale_flag):
+      raise UserError(f"--{kind.scale_flag} is not supported by unclip.py.")
   per_stage, steps = sampling.stage_settings(len(f.workdirs), num_workdirs=len(f.workdirs),
                                              **settings)
   cascade, described, _ = sampling.load_cascade(f.workdirs, checkpoint_steps=steps,

@@ -281,6 +281,14 @@ def test_two_arm_sweep_runs_reports_skips_and_resumes(tmp_path):
   assert [m for m in logs if m.startswith("evaluating")] == ["evaluating guidance_scale=2"]
   assert not any(m.startswith("training") for m in logs)
   assert len(records) == 2 and (arm / "result.json").exists()
+  # --report --export copies what docs/ keeps: tables, plots, each arm's result and examples.
+  docs = tmp_path / "docs"
+  ablation_runner.run(str(sweep), str(tmp_path / "runs"), report_only=True, export=str(docs),
+                      log=lambda m: None)
+  assert (docs / "results.md").read_text() == (root / "results.md").read_text()
+  assert (docs / "plots" / "colour_shape_vs_guidance_scale.png").exists()
+  assert sorted(p.name for p in (docs / "arms" / "guidance_scale=2").iterdir()) == [
+      "examples.png", "result.json"]
 
 
 def test_equal_compute_sets_each_arms_steps_from_its_step_flops(tmp_path):
@@ -322,3 +330,34 @@ def test_the_table_states_each_arms_model_flops():
   header, rows = report.table_rows(records)
   assert header[2:5] == ["train_steps", "train_minutes", "train_tflop"]
   assert [r[4] for r in rows] == ["1.25", "-"]
+
+
+def _sampler_record(sampler, steps, score):
+  return {"name": f"{sampler}{steps}", "varying": ["sample.sampler", "sample.steps"],
+          "overrides": [["sample.sampler", sampler], ["sample.steps", steps]],
+          "train": {}, "metrics": {"colour_shape": {"value": score}}}
+
+
+def test_cheapest_cost_within_the_reference():
+  records = [_sampler_record("ddim", 250, 0.80),
+             _sampler_record("ddim", 5, 0.50), _sampler_record("ddim", 10, 0.77),
+             _sampler_record("ddim", 25, 0.74), _sampler_record("ddim", 50, 0.79),
+             _sampler_record("euler", 5, 0.78), _sampler_record("euler", 10, 0.9),
+             _sampler_record("heun", 5, 0.1), _sampler_record("heun", 10, 0.2)]
+  lines = report.within_reference(records, "colour_shape",
+                                  {"sample.sampler": "ddim", "sample.steps": 250},
+                                  "sample.sampler", "sample.steps", 0.05)
+  assert "Reference (sampler=ddim, steps=250): colour_shape = 0.8; bar 0.76." in lines
+  rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in lines
+          if line.startswith("| ") and "cheapest" not in line}
+  # ddim at 10 passes (0.77) but 25 falls below the bar (0.74): the answer is 50, the
+  # cheapest from which every larger step count stays within 5%.
+  assert rows == {"ddim": "50", "euler": "5", "heun": "none tested"}
+  # Without the reference arm there is nothing to compare with.
+  assert report.within_reference(records[1:], "colour_shape",
+                                 {"sample.sampler": "ddim", "sample.steps": 250},
+                                 "sample.sampler", "sample.steps") == []
+  # The table gets a sample_minutes column once records carry the evaluation's own time.
+  records[0]["sample_minutes"] = 1.25
+  header, rows = report.table_rows(records)
+  assert header[5] == "sample_minutes" and rows[0][5] == "1.25" and rows[1][5] == "-"

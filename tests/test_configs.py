@@ -26,7 +26,8 @@ from diffusion_jax.training import state as state_lib  # noqa: E402
 # Configs that are not diffusion stages, each tested by its own module's tests.
 OTHER_CONFIGS = {"clip_shapes": "tests/test_clip_train.py",
                  "probe_shapes": "tests/test_probe.py",
-                 "prior_shapes": "tests/test_unclip_prior.py"}
+                 "prior_shapes": "tests/test_unclip_prior.py",
+                 "attribute_classifier_shapes": "tests/test_classifier_guidance.py"}
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
                  if p.stem not in ("__init__", "common", *OTHER_CONFIGS))
 DEVICES = 64  # e.g. a TPU v4-128 slice (64 chips)

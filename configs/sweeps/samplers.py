@@ -20,5 +20,8 @@ def get_config():
                "sample.steps": [5, 10, 25, 50]}
   c["arms"] = [{"sample.sampler": "ddim", "sample.steps": 250}]
   c["evaluate"] = {"categories": ["colour_shape"], "images_per_prompt": 2, "fd_images": 0}
-  c["report"] = {"metrics": ["colour_shape"]}
+  c["report"] = {"metrics": ["colour_shape"],
+                 "within": [{"metric": "colour_shape", "group": "sample.sampler",
+                             "cost": "sample.steps", "tolerance": 0.05,
+                             "reference": {"sample.sampler": "ddim", "sample.steps": 250}}]}
   return c

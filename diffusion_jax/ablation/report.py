@@ -52,7 +52,7 @@ def table_rows(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
   with its interval."""
   varying = list(dict.fromkeys(p for r in records for p in r.get("varying", [])))
   metrics = list(dict.fromkeys(m for r in records for m in r.get("metrics", {})))
-  costs = ["train_steps", "train_minutes"] + (["train_tflop"] if _counted(records) else [])
+  costs = _cost_columns(records)
   header = ["arm", *varying, *costs, *metrics]
   rows = []
   for r in records:
@@ -64,27 +64,85 @@ def table_rows(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     if _counted(records):  # equal-compute sweeps: the model FLOPs each arm's runs cost
       cost.append("+".join(f"{t['train_tflop']:.4g}" if "train_tflop" in t else "-"
                            for t in train.values()))
+    if _sampled(records):  # the evaluation's own time: sampling and scoring
+      cost.append(f"{r['sample_minutes']:.2f}" if "sample_minutes" in r else "-")
     rows.append([r["name"], *[_format(overrides.get(p, "")) for p in varying], *cost,
                  *[_metric_text(r.get("metrics", {}).get(m, {})) for m in metrics]])
   return header, rows
+
+
+def within_reference(records: Sequence[dict], metric: str, reference: dict[str, Any],
+                     group: str, cost: str, tolerance: float = 0.05) -> list[str]:
+  """Markdown lines: per value of ``group`` (e.g. the sampler), the cheapest ``cost`` (e.g.
+  steps) from which every tested larger cost keeps ``metric`` within ``tolerance``
+  (relative) of the reference arm's (the arm whose overrides include ``reference``, e.g.
+  250-step DDIM); arms are compared on their point values (their intervals are in the
+  table above)."""
+  def overrides(r):
+    return dict((p, v) for p, v in r.get("overrides", []))
+
+  def value(r):
+    m = r.get("metrics", {}).get(metric) or {}
+    return None if m.get("value") is None else float(m["value"])
+
+  refs = [r for r in records if all(overrides(r).get(k) == v for k, v in reference.items())]
+  if not refs or value(refs[0]) is None:
+    return []
+  ref = value(refs[0])
+  bar = (1.0 - tolerance) * ref
+  shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={_format(v)}" for k, v in reference.items())
+  lines = [f"### Cheapest {cost.rsplit('.', 1)[-1]} within {tolerance:.0%} of the reference",
+           "", f"Reference ({shown}): {metric} = {_format(ref)}; bar {_format(bar)}.", "",
+           f"| {group.rsplit('.', 1)[-1]} | cheapest {cost.rsplit('.', 1)[-1]} | "
+           f"{metric} there | tested |", "|---|---|---|---|"]
+  by_group: dict[Any, list[tuple[float, float]]] = {}
+  for r in records:
+    o = overrides(r)
+    if r in refs or group not in o or _numeric(o.get(cost)) is None or value(r) is None:
+      continue
+    by_group.setdefault(o[group], []).append((_numeric(o[cost]), value(r)))
+  for name, points in by_group.items():
+    points.sort()
+    cheapest = None
+    for i in range(len(points)):
+      if all(v >= bar for _, v in points[i:]):
+        cheapest = points[i]
+        break
+    tested = ", ".join(f"{_format(c)}: {_format(v)}" for c, v in points)
+    lines.append(f"| {_format(name)} | {_format(cheapest[0]) if cheapest else 'none tested'} "
+                 f"| {_format(cheapest[1]) if cheapest else '-'} | {tested} |")
+  return lines
 
 
 def _counted(records: Sequence[dict]) -> bool:
   return any("train_tflop" in t for r in records for t in r.get("train", {}).values())
 
 
-def write_tables(sweep_dir: str | pathlib.Path, records: Sequence[dict]) -> list[pathlib.Path]:
-  """results.csv (values and interval bounds in their own columns) and results.md."""
+def _sampled(records: Sequence[dict]) -> bool:
+  return any("sample_minutes" in r for r in records)
+
+
+def _cost_columns(records: Sequence[dict]) -> list[str]:
+  return (["train_steps", "train_minutes"] + (["train_tflop"] if _counted(records) else [])
+          + (["sample_minutes"] if _sampled(records) else []))
+
+
+def write_tables(sweep_dir: str | pathlib.Path, records: Sequence[dict],
+                 sections: Sequence[str] = ()) -> list[pathlib.Path]:
+  """results.csv (values and interval bounds in their own columns) and results.md (the
+  table, then ``sections``: more Markdown lines)."""
   sweep_dir = pathlib.Path(sweep_dir)
   header, rows = table_rows(records)
   md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   md += ["| " + " | ".join(row) + " |" for row in rows]
+  if sections:
+    md += ["", *sections]
   (sweep_dir / "results.md").write_text("\n".join(md) + "\n")
   metrics = list(dict.fromkeys(m for r in records for m in r.get("metrics", {})))
   varying = list(dict.fromkeys(p for r in records for p in r.get("varying", [])))
   with open(sweep_dir / "results.csv", "w", newline="") as f:
     writer = csv.writer(f)
-    costs = ["train_steps", "train_minutes"] + (["train_tflop"] if _counted(records) else [])
+    costs = _cost_columns(records)
     writer.writerow(["arm", *varying, *costs,
                      *[f"{m}{suffix}" for m in metrics for suffix in ("", "_low", "_high")]])
     for r, row in zip(records, rows, strict=True):
