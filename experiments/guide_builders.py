@@ -77,7 +77,7 @@ def load_guides(settings: dict) -> list:
 
 def check_stage(guides: list, stage, source: str) -> None:
   """UserError unless every guide can read the images ``stage`` (the base) samples."""
-  shape = stage.kind.sample_shape(stage.spec.resolution, stage.model.config.out_channels)
+  shape = stage.kind.sample_shape(stage.spec.output_size, stage.model.config.out_channels)
   for guide in guides:
     if hasattr(guide, "check_image_shape"):
       try:
