@@ -48,7 +48,8 @@ def _convergence_slope(name, steps):
   errors = []
   for n in steps:
     grid = np.linspace(-6.0, 6.0, n + 1).astype(np.float32)  # ends at a finite level
-    out = _run(name, x, grid, None)
+    out = (_run("heun", x, grid, None, variable="sigma") if name == "heun_sigma" else
+           _run(name, x, grid, None))
     errors.append(float(jnp.max(jnp.abs(out - ode_solution(x, grid[0], grid[-1])))))
   assert errors == sorted(errors, reverse=True), errors
   return -np.polyfit(np.log(steps), np.log(errors), 1)[0]
@@ -56,9 +57,10 @@ def _convergence_slope(name, steps):
 
 @pytest.mark.parametrize("name,order,steps", [
     ("ddim", 1, (16, 32, 64, 128)), ("euler", 1, (16, 32, 64, 128)),
-    ("heun", 2, (16, 32, 64, 128)), ("dpmpp_2m", 2, (32, 64, 128, 256))])
+    ("heun", 2, (16, 32, 64, 128)), ("heun_sigma", 2, (16, 32, 64, 128)),
+    ("dpmpp_2m", 2, (32, 64, 128, 256))])
 def test_convergence_order_on_probability_flow_ode(name, order, steps):
-  # Measured slopes are 0.98 (DDIM, Euler), 2.04 (Heun), 1.9 (DPM-Solver++ 2M, whose
+  # Measured slopes are 0.98 (DDIM, Euler), 2.04 (Heun, both variables), 1.9 (DPM-Solver++ 2M, whose
   # first step is first order) against the closed-form ODE solution.
   assert abs(_convergence_slope(name, steps) - order) < 0.2
 
@@ -91,6 +93,36 @@ def test_deterministic_samplers_converge_to_the_denoised_ode_end():
       errors.append(float(jnp.max(jnp.abs(out - ode_solution(x, grid[0], jnp.inf)))))
     assert errors[1] < (2e-2 if order == 1 else 1e-3), (name, errors)
     assert 0.85 * 2**order < errors[0] / errors[1] < 1.2 * 2**order, (name, errors)
+
+
+# Multi-scale Gaussian data: images have modes (object colour over many pixels) whose
+# signal is far above the noise at sigma ~ 6 while fine detail is not, so the denoised
+# estimate changes along the whole trajectory. MU, STD's single scale (0.2) hides that.
+SCALES = jnp.array([0.05, 0.2, 1.0, 5.0, 20.0])
+WIDE_RANGE = schedules.get("shifted_cosine", logsnr_min=-15.0, logsnr_max=15.0,
+                           resolution=32, base_resolution=32)
+
+
+def _multiscale_errors(name, grid, **opts):
+  """RMS error of the sampler's end against the exact ODE end, per mode, in its std."""
+  x = samplers.initial_noise(jax.random.key(3), (256, SCALES.shape[0]))
+  out = _run(name, x, grid, None, model_fn=lambda x_t, logsnr: exact_x0(x_t, logsnr, 0.0,
+                                                                         SCALES), **opts)
+  ref = ode_solution(x, grid[0], jnp.inf, 0.0, SCALES)
+  return np.asarray(jnp.sqrt(jnp.mean((out - ref) ** 2, axis=0)) / SCALES)
+
+
+@pytest.mark.parametrize("grid", [grids.uniform_time(WIDE_RANGE, 10),
+                                  grids.karras_for_schedule(WIDE_RANGE, 10)],
+                         ids=["uniform", "karras_for_schedule"])
+def test_heun_beats_euler_on_steps_spanning_decades_of_sigma(grid):
+  # The 10-step uniform grid's first step is sigma 1808 -> 6.3, the Karras grid's last
+  # finite one 0.039 -> 0.00055. Measured per-mode errors (in stds) on the uniform grid:
+  # Euler 0.69 0.28 0.12 0.29 0.66, Heun 0.68 0.22 0.02 0.01 0.44, EDM's trapezoid in
+  # sigma 0.68 0.07 3.7 44 36 (it extrapolates the denoised estimate 143-fold).
+  euler_err, heun_err = _multiscale_errors("euler", grid), _multiscale_errors("heun", grid)
+  assert np.all(heun_err < euler_err), (heun_err, euler_err)
+  assert np.max(_multiscale_errors("heun", grid, variable="sigma")) > 2 * np.max(euler_err)
 
 
 @pytest.mark.parametrize("name,opts", VARIANTS)
@@ -161,6 +193,8 @@ def test_bad_input():
     samplers.ddpm(x0_model_fn, x, grids.karras(3), jax.random.key(0), variance="fixed")
   with pytest.raises(ValueError, match="one per image"):
     samplers.ddpm(x0_model_fn, x, grids.karras(3), jax.random.split(jax.random.key(0), 3))
+  with pytest.raises(ValueError, match="lambda, sigma"):
+    samplers.heun(x0_model_fn, x, grids.karras(3), variable="t")
 
 
 @pytest.mark.parametrize("name,opts", [("ddpm", {}), ("ddim", {"eta": 0.5}),

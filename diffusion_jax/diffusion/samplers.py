@@ -29,6 +29,7 @@ from diffusion_jax.diffusion import parameterization as param_lib
 from diffusion_jax.diffusion.schedules import alpha_sigma
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+HEUN_VARIABLES = ("lambda", "sigma")
 
 
 def image_keys(key: jax.Array, batch_size: int, start: int = 0) -> jax.Array:
@@ -164,8 +165,16 @@ def dpmpp_2m(model_fn: ModelFn, x_T, logsnrs, key=None, *, parameterization: str
   return _scan_steps(step, init, logsnrs)[0]
 
 
+def _phi_linear(h):
+  """(h - 1 + e^-h) / h, the exact integral weight of a D linear in lambda; its series
+  below h = 1e-2, where h + expm1(-h) would cancel in float32."""
+  small = h < 1e-2
+  safe = jnp.where(small, 1.0, h)
+  return jnp.where(small, h / 2 - h**2 / 6 + h**3 / 24, (safe + jnp.expm1(-safe)) / safe)
+
+
 def _edm_step(model_fn, x_T, logsnrs, key, parameterization, second_order, churn,
-              churn_tmin, churn_tmax, noise_scale):
+              churn_tmin, churn_tmax, noise_scale, variable="lambda"):
   """EDM's Algorithms 1/2 (Karras et al. 2022) on y = x / alpha against sigma_ve.
 
   dy/dsigma = (y - D(y)) / sigma = eps_hat, so one Euler step is
@@ -173,7 +182,21 @@ def _edm_step(model_fn, x_T, logsnrs, key, parameterization, second_order, churn
   ``churn`` > 0 adds EDM's stochasticity: before a step whose sigma lies in
   [churn_tmin, churn_tmax], raise the noise to sigma_hat = sigma (1 + gamma),
   gamma = min(churn / N, sqrt(2) - 1), with fresh noise scaled by ``noise_scale``.
+
+  Heun's corrector, ``variable``: ``sigma`` is EDM's trapezoid in sigma. Written with
+  r = sigma_t / sigma_s it is y_t = r y_s + (1 - r) (D_s + (D_t - D_s) / (2 r)): the
+  weight 1 / (2 r) on the change in the denoised estimate extrapolates past D_t as soon
+  as a step more than halves sigma (143 times it for sigma 1808 -> 6.3, the first step of
+  a 10-step uniform grid on a log-SNR range of [-15, 15]). ``lambda`` (default) integrates
+  dy/dlambda exactly for D linear in lambda = -log sigma between D_s and D_t (an
+  exponential integrator, as DPM-Solver, Lu et al. 2022): with h = log(sigma_s / sigma_t),
+  y_t = r y_s + (1 - r) D_s + c(h) (D_t - D_s), c(h) = (h - 1 + e^-h) / h, so the
+  weight c / (1 - r) on D_t stays in [1/2, 1]. Both are second order and share Euler's
+  predictor; they agree to O(h^2) on small steps.
   """
+  if variable not in HEUN_VARIABLES:
+    raise ValueError(f"Unknown Heun variable {variable!r}; choose one of "
+                     f"{', '.join(HEUN_VARIABLES)}.")
   denoise, logsnrs = param_lib.denoise(model_fn, parameterization), _check_grid(logsnrs)
   num_steps = logsnrs.shape[0] - 1
   gamma_max = min(churn / num_steps, np.sqrt(2.0) - 1.0) if churn > 0 else 0.0
@@ -198,8 +221,11 @@ def _edm_step(model_fn, x_T, logsnrs, key, parameterization, second_order, churn
     if second_order:
       def heun_correction(y_next):
         alpha_t, _ = alpha_sigma(logsnr_t)
-        _, eps_t = denoise(y_next * alpha_t, logsnr_t)
-        return y + (sigma_t - sigma_s) * 0.5 * (eps + eps_t)
+        x0_t, eps_t = denoise(y_next * alpha_t, logsnr_t)
+        if variable == "sigma":
+          return y + (sigma_t - sigma_s) * 0.5 * (eps + eps_t)
+        h = jnp.log(sigma_s) - jnp.log(sigma_t)
+        return (sigma_t / sigma_s) * y - jnp.expm1(-h) * x0 + _phi_linear(h) * (x0_t - x0)
 
       # The last step to clean data stays Euler (no model call at sigma = 0).
       y_next = jax.lax.cond(jnp.isfinite(logsnr_t), heun_correction, lambda y: y, y_next)
@@ -221,11 +247,13 @@ def euler(model_fn: ModelFn, x_T, logsnrs, key=None, *, parameterization: str = 
 
 def heun(model_fn: ModelFn, x_T, logsnrs, key=None, *, parameterization: str = "eps",
          churn: float = 0.0, churn_tmin: float = 0.0, churn_tmax: float = float("inf"),
-         noise_scale: float = 1.0):
+         noise_scale: float = 1.0, variable: str = "lambda"):
   """Heun's 2nd-order method (Karras et al. 2022, Alg. 1/2); 2N - 1 model calls for a
-  grid ending at clean data."""
+  grid ending at clean data. ``variable``: ``lambda`` (default) takes the corrector as an
+  exponential integrator, ``sigma`` is EDM's trapezoid, which extrapolates on steps that
+  more than halve sigma (``_edm_step``)."""
   return _edm_step(model_fn, x_T, logsnrs, key, parameterization, True, churn,
-                   churn_tmin, churn_tmax, noise_scale)
+                   churn_tmin, churn_tmax, noise_scale, variable)
 
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "euler": euler,
