@@ -191,8 +191,9 @@ def _edm_step(model_fn, x_T, logsnrs, key, parameterization, second_order, churn
   dy/dlambda exactly for D linear in lambda = -log sigma between D_s and D_t (an
   exponential integrator, as DPM-Solver, Lu et al. 2022): with h = log(sigma_s / sigma_t),
   y_t = r y_s + (1 - r) D_s + c(h) (D_t - D_s), c(h) = (h - 1 + e^-h) / h, so the
-  weight c / (1 - r) on D_t stays in [1/2, 1]. Both are second order and share Euler's
-  predictor; they agree to O(h^2) on small steps.
+  weight c / (1 - r) on D_t stays in [1/2, 1] (1/2 on small steps: the trapezoid; 1 on
+  huge ones, where the exact integrand e^lambda D concentrates at the step's end). Both
+  are second order and share Euler's predictor.
   """
   if variable not in HEUN_VARIABLES:
     raise ValueError(f"Unknown Heun variable {variable!r}; choose one of "
