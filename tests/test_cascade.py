@@ -174,7 +174,7 @@ def test_stage_trained_on_crops_samples_at_its_scale_factor(stages):
     (dict(sampler_options=(("eta", -0.1),)), "eta must be >= 0, got -0.1"),
     (dict(sampler="heun", sampler_options=(("eta", 0.5),)),
      "sampler 'heun' has no option 'eta' (it takes churn, churn_tmin, churn_tmax, "
-     "noise_scale)"),
+     "noise_scale, variable)"),
     (dict(sampler="dpmpp_2m", sampler_options=(("eta", 0.5),)), "it takes no options"),
     (dict(sampler="ddpm", sampler_options=(("variance", "huge"),)),
      "Unknown DDPM variance 'huge'"),
