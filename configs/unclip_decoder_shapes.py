@@ -21,6 +21,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/unclip_decoder_shapes.py takes no argument or ':smoke', got "
                      f"{arg!r}.")
   c = demo_base.get_config(arg)
+  # Measured (README) with the uniform v-loss; demo_base's min-SNR-5 is untried here.
+  c.diffusion.weighting = "uniform"
   c.conditioning.kind = "image_embed"
   c.conditioning.drop_prob = 0.1      # the CLIP image embedding
   c.diffusion.cond_drop_prob = 0.5    # the caption

@@ -20,7 +20,10 @@ def get_config():
                  "base64": "configs/demo_base.py"}
   c["stage_sets"] = {"cascade": ["base", "sr"], "single": ["base64"]}
   c["equal_compute"] = {"base": 23.0, "sr": 11.3, "base64": 34.3}  # TFLOP per training run
-  c["fixed"] = {"base64.data.resolution": 64,
+  # Run with the uniform v-loss, demo_base's weighting then (it is min-SNR-5 since).
+  c["fixed"] = {"base.diffusion.weighting": "uniform",
+                "base64.diffusion.weighting": "uniform",
+                "base64.data.resolution": 64,
                 "base64.diffusion.schedule_kwargs.shifted_cosine.resolution": 64,
                 "sample.sampler": "dpmpp_2m", "sample.steps": 25}
   c["arms"] = [{"stages": "cascade", "sample.guidance_scale": [3.0, 1.0]},

@@ -13,7 +13,9 @@ def get_config():
   c = {}
   c["name"] = "guidance"
   c["stages"] = {"base": "configs/demo_base.py", "sr": "configs/demo_sr.py"}
-  c["fixed"] = {"base.train.time_budget_s": None, "base.train.num_steps": 1000,
+  # Run with the uniform v-loss, demo_base's weighting then (it is min-SNR-5 since).
+  c["fixed"] = {"base.diffusion.weighting": "uniform",
+                "base.train.time_budget_s": None, "base.train.num_steps": 1000,
                 "sr.train.time_budget_s": None, "sr.train.num_steps": 300,
                 "sample.sampler": "dpmpp_2m", "sample.steps": 25}
   c["axes"] = {"sample.guidance_scale": [[w, 1.0] for w in (0.0, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0)]}

@@ -14,7 +14,9 @@ def get_config():
   c = {}
   c["name"] = "samplers"
   c["stages"] = {"base": "configs/demo_base.py"}
-  c["fixed"] = {"base.train.time_budget_s": None, "base.train.num_steps": 800,
+  # Run with the uniform v-loss, demo_base's weighting then (it is min-SNR-5 since).
+  c["fixed"] = {"base.diffusion.weighting": "uniform",
+                "base.train.time_budget_s": None, "base.train.num_steps": 800,
                 "sample.guidance_scale": 3.0}
   c["axes"] = {"sample.sampler": ["ddpm", "ddim", "dpmpp_2m", "euler", "heun"],
                "sample.steps": [5, 10, 25, 50]}
