@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -130,15 +129,8 @@ def _flag(path: str, value: Any) -> str:
 def train(model: Frozen, sweep_dir: pathlib.Path, log) -> dict | None:
   """Trains ``model`` unless finished (its record), or None if another worker holds it."""
   workdir = model.workdir(sweep_dir)
-  done = workdir / COMPLETE
-  if done.exists():
-    return json.loads(done.read_text())
-  claim = claims.try_claim(workdir / "claim")
-  if claim is None:
-    return None
-  with claim:
-    if done.exists():
-      return json.loads(done.read_text())
+
+  def build() -> dict:
     log(f"training frozen {model.kind} {model.name} -> {model.output(sweep_dir)}")
     command = [sys.executable, str(ROOT / model.script), f"--config={model.config}",
                f"--workdir={workdir}"] + [_flag(p, v) for p, v in model.overrides]
@@ -159,10 +151,9 @@ def train(model: Frozen, sweep_dir: pathlib.Path, log) -> dict | None:
     eval_json = workdir / "eval.json"
     if eval_json.exists():
       record["eval"] = json.loads(eval_json.read_text())
-    tmp = done.with_name(f".{done.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, done)
     return record
+
+  return claims.run_once(workdir, COMPLETE, build)
 
 
 def train_all(models: Mapping[str, Frozen], sweep_dir: pathlib.Path, log) -> dict[str, dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 import time
 from typing import Any
@@ -177,25 +176,12 @@ def plan(sweep: sweep_lib.Sweep, evaluator, equal_compute=None, resolve=_identit
   return planned
 
 
-def _write_json(path: pathlib.Path, record: dict) -> None:
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(record, indent=2, default=str))
-  os.replace(tmp, path)
-
-
 def _train_run(workdir: pathlib.Path, config: ml_collections.ConfigDict, log,
                compute: dict | None = None) -> dict | None:
   """Trains one stage's run unless finished; None if another worker holds it. ``compute``
   (apply_compute_budget's): the record gets the run's model FLOPs."""
-  done = workdir / TRAIN_COMPLETE
-  if done.exists():
-    return json.loads(done.read_text())
-  claim = claims.try_claim(workdir / "claim")
-  if claim is None:
-    return None
-  with claim:
-    if done.exists():
-      return json.loads(done.read_text())
+
+  def build() -> dict:
     log(f"training {workdir}")
     start = time.time()
     _, summary = builders.run_training(config, str(workdir))
@@ -205,8 +191,9 @@ def _train_run(workdir: pathlib.Path, config: ml_collections.ConfigDict, log,
               "images_per_s": summary.get("images_per_s")}
     if compute:
       record.update(compute, train_tflop=(steps or 0) * compute["gflop_per_step"] / 1e3)
-    _write_json(done, record)
     return record
+
+  return claims.run_once(workdir, TRAIN_COMPLETE, build)
 
 
 def _last_step(workdir: pathlib.Path) -> int | None:
@@ -324,7 +311,7 @@ def _run_arms(sweep_dir, planned, evaluator, worker, max_arms, log, frozen=None)
                   "sample_minutes": (time.time() - sample_start) / 60}
         if frozen:
           record["frozen"] = frozen
-        _write_json(arm_dir / report.RESULT_FILE, record)
+        claims.write_json(arm_dir / report.RESULT_FILE, record)
       durations.append(time.time() - start)
       finished_here += 1
       progressed = True

@@ -139,3 +139,30 @@ def _mtime(path: pathlib.Path) -> float:
     return path.stat().st_mtime
   except FileNotFoundError:
     return 0.0
+
+
+def write_json(path: str | os.PathLike, record: dict) -> None:
+  """Writes ``record`` to ``path`` atomically (a reader sees the old file or the new one)."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(json.dumps(record, indent=2, default=str))
+  os.replace(tmp, path)
+
+
+def run_once(workdir: str | os.PathLike, done_file: str, build) -> dict | None:
+  """The record in ``workdir/done_file`` if it exists; else, under ``workdir``'s claim,
+  ``build()`` -> record, written there and returned; None if another worker holds the
+  claim (try again later). A ``build`` that raises leaves no record (and the claim freed)."""
+  workdir = pathlib.Path(workdir)
+  done = workdir / done_file
+  if done.exists():
+    return json.loads(done.read_text())
+  claim = try_claim(workdir / "claim")
+  if claim is None:
+    return None
+  with claim:
+    if done.exists():  # finished by another worker between the check and the claim
+      return json.loads(done.read_text())
+    record = build()
+    write_json(done, record)
+    return record

@@ -97,7 +97,7 @@ def _to_str(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-class BucketedShapesPipeline:
+class BucketedShapesPipeline(pipeline_lib.ResumableBatches):
   """Batches of a prepared shapes split, each rendered at one aspect bucket; an iterator
   with get_state / set_state (``InputPipeline``'s protocol).
 
@@ -199,24 +199,3 @@ class BucketedShapesPipeline:
                num_objects=np.asarray(example["num_objects"], np.int32),
                kind=np.asarray(example["kind"], np.int64))
     return out
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    return next(self._iterator)
-
-  def get_state(self) -> dict:
-    """JSON-serialisable position in the stream of batches."""
-    return {"grain": self._iterator.get_state(), "pipeline": dict(self._fingerprint)}
-
-  def set_state(self, state: dict) -> None:
-    """Resumes at ``state`` (from get_state of a pipeline built with the same arguments):
-    the same batches, so the same bucket sequence, follow."""
-    saved = state.get("pipeline", {})
-    mismatched = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
-    if mismatched:
-      details = ", ".join(f"{k}: saved {s!r} vs now {n!r}" for k, (s, n) in mismatched.items())
-      raise ValueError(f"Cannot restore the input pipeline: the saved state belongs to a "
-                       f"different stream of batches ({details}).")
-    self._iterator.set_state(state["grain"])

@@ -169,7 +169,33 @@ def stack(examples: Sequence[dict]) -> dict:
   return batch
 
 
-class InputPipeline:
+class ResumableBatches:
+  """A stream of batches from a grain iterator (``self._iterator``) whose position can be
+  saved and restored; ``self._fingerprint`` names what a saved state must match."""
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    """JSON-serialisable position in the stream of batches."""
+    return {"grain": self._iterator.get_state(), "pipeline": dict(self._fingerprint)}
+
+  def set_state(self, state: dict) -> None:
+    """Resumes at `state` (from get_state of a pipeline built with the same arguments):
+    the same batches follow."""
+    saved = state.get("pipeline", {})
+    mismatched = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
+    if mismatched:
+      details = ", ".join(f"{k}: saved {s!r} vs now {n!r}" for k, (s, n) in mismatched.items())
+      raise ValueError(f"Cannot restore the input pipeline: the saved state belongs to a "
+                       f"different stream of batches ({details}).")
+    self._iterator.set_state(state["grain"])
+
+
+class InputPipeline(ResumableBatches):
   """Batches of a TFDS split for one process; an iterator with get_state / set_state.
 
   Yields dicts of numpy arrays (B = global_batch_size // process_count):
@@ -315,24 +341,4 @@ class InputPipeline:
       value = example[key]
       out[key] = _to_str(value) if dtype.kind in "OSU" else np.asarray(value, dtype)
     return out
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    return next(self._iterator)
-
-  def get_state(self) -> dict:
-    """JSON-serialisable position in the stream of batches."""
-    return {"grain": self._iterator.get_state(), "pipeline": dict(self._fingerprint)}
-
-  def set_state(self, state: dict) -> None:
-    """Resumes at `state` (from get_state of a pipeline built with the same arguments)."""
-    saved = state.get("pipeline", {})
-    mismatched = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
-    if mismatched:
-      details = ", ".join(f"{k}: saved {s!r} vs now {n!r}" for k, (s, n) in mismatched.items())
-      raise ValueError(f"Cannot restore the input pipeline: the saved state belongs to a "
-                       f"different stream of batches ({details}).")
-    self._iterator.set_state(state["grain"])
 
