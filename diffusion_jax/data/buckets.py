@@ -119,13 +119,8 @@ class BucketedShapesPipeline(pipeline_lib.ResumableBatches):
                shuffle: bool = True, num_epochs: int | None = None,
                process_index: int | None = None, process_count: int | None = None,
                num_threads: int = 4, prefetch_buffer_size: int = 64):
-    if process_index is None or process_count is None:
-      import jax  # only when needed: the data code itself does not use JAX
-      process_index = jax.process_index() if process_index is None else process_index
-      process_count = jax.process_count() if process_count is None else process_count
-    if global_batch_size <= 0 or global_batch_size % process_count:
-      raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
-                       f"process_count {process_count} (each process reads an equal share).")
+    process_index, process_count = pipeline_lib.process_share(
+        global_batch_size, process_index, process_count)
     if crop not in CROPS:
       raise ValueError(f"aspect buckets take crop {' or '.join(CROPS)}, got {crop!r}.")
     if not max_rescale >= 1.0:

@@ -169,6 +169,22 @@ def stack(examples: Sequence[dict]) -> dict:
   return batch
 
 
+def process_share(global_batch_size: int, process_index: int | None,
+                  process_count: int | None) -> tuple[int, int]:
+  """(process_index, process_count), JAX's when not given, checked: each process reads an
+  equal share of the global batch."""
+  if process_index is None or process_count is None:
+    import jax  # only when needed: the data code itself does not use JAX
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                     f"process_count {process_count} (each process reads an equal share).")
+  return process_index, process_count
+
+
 class ResumableBatches:
   """A stream of batches from a grain iterator (``self._iterator``) whose position can be
   saved and restored; ``self._fingerprint`` names what a saved state must match."""
@@ -221,15 +237,8 @@ class InputPipeline(ResumableBatches):
                passthrough_keys: Sequence[str] | None = None,
                paired_image_keys: Sequence[str] = (), num_threads: int = 4,
                prefetch_buffer_size: int = 256):
-    if process_index is None or process_count is None:
-      import jax  # only when needed: the data code itself does not use JAX
-      process_index = jax.process_index() if process_index is None else process_index
-      process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
-    if global_batch_size <= 0 or global_batch_size % process_count:
-      raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
-                       f"process_count {process_count} (each process reads an equal share).")
+    process_index, process_count = process_share(global_batch_size, process_index,
+                                                 process_count)
     if crop not in CROPS:
       raise ValueError(f"crop must be one of {CROPS}, got {crop!r}.")
     if not max_rescale >= 1.0:
