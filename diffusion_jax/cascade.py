@@ -462,12 +462,15 @@ class Cascade:
     grid = spec.grid()
 
     def run(params, text_emb, text_mask, null_cond, keys, previous, guide_inputs=None):
+      # A refiner's own conditions (micro-conditioning, an aspect bucket's size) get their
+      # sampling defaults, for both guidance halves, as a base stage's do.
+      extra = stage.sampling_inputs(text_emb.shape[0]) if stage.conditioning else None
       return refine_stage(
           stage.model, params, text_emb, text_mask, null_cond, keys, grid, previous,
           spec.refine_strength, parameterization=spec.parameterization, sampler=spec.sampler,
           sampler_options=dict(spec.sampler_options), guidance_scale=spec.guidance_weight(),
           threshold=spec.threshold, percentile=spec.percentile,
-          preconditioning=spec.preconditioner())
+          preconditioning=spec.preconditioner(), extra_cond=extra)
 
     return jax.jit(run)
 

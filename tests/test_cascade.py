@@ -262,6 +262,34 @@ def test_a_refiner_is_sdedit_of_the_stage_before(stages):
   assert 0 < np.abs(half[1] - half[0]).max() and not np.allclose(half[1], out[1])
 
 
+def test_a_micro_conditioned_refiner_gets_the_uncropped_condition():
+  """A refiner trained with SDXL micro-conditioning samples with (R, R, 0, 0) as a base
+  stage does (it once ran without it and failed inside jit)."""
+  from diffusion_jax import conditioning
+
+  model = type(th.tiny_unet(8))(dataclasses.replace(th.tiny_unet(8).config, micro_cond_dim=4))
+  inputs = loop_lib.init_inputs(model.config, 8, None, th.TEXT_LEN, th.TEXT_DIM)
+  params = nn.unbox(model.init(jax.random.key(0), **inputs)["params"])
+  params = jax.tree.map(lambda p: 0.3 * jax.random.normal(jax.random.key(p.size), p.shape),
+                        params)
+  spec = cascade_lib.StageSpec(resolution=8, num_steps=4, guidance_scale=2.0)
+  stage = cascade_lib.Stage(model, params, spec, conditioning=({"kind": "micro",
+                                                               "drop_prob": 0.0},))
+  key = jax.random.key(3)
+  out = cascade_lib.Cascade([stage, _with_spec(stage, refine_strength=1.0)],
+                            th.HashText()).sample(PROMPTS, key)
+  emb, mask = th.HashText().encode(PROMPTS)
+  null_emb, null_mask = th.HashText().encode([""])
+  plain = cascade_lib.sample_stage(
+      model, params, jax.numpy.asarray(emb), jax.numpy.asarray(mask),
+      {"text_emb": null_emb[0], "text_mask": null_mask[0]},
+      samplers.image_keys(jax.random.fold_in(key, 1), 3, 0), spec.grid(),
+      image_shape=(8, 8, 3), parameterization=spec.parameterization, sampler=spec.sampler,
+      guidance_scale=spec.guidance_scale, threshold=spec.threshold,
+      percentile=spec.percentile, extra_cond={"micro_cond": conditioning.uncropped(3, 8)})
+  np.testing.assert_allclose(out[1], plain, atol=1e-5)
+
+
 def test_bad_refiners(stages):
   base, sr = stages
   refiner = _with_spec(base, refine_strength=0.3)
