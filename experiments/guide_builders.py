@@ -7,6 +7,7 @@ its checkpoint, how it is recorded and respelt in a regenerate command."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from cli import UserError
 
@@ -35,15 +36,16 @@ FLAGS = tuple(name for k in KINDS for name in (k.scale_flag, k.checkpoint_flag))
 
 def _scale(kind: GuideKind, settings: dict) -> float:
   scale = float(settings.get(kind.scale_flag) or 0.0)
-  if scale < 0:
-    raise UserError(f"--{kind.scale_flag}={scale}; it must be >= 0 (0: no "
+  if not (math.isfinite(scale) and scale >= 0):  # (a NaN scale would make every image NaN)
+    raise UserError(f"--{kind.scale_flag}={scale}; it must be >= 0 and finite (0: no "
                     f"{kind.name.replace('_', ' ')}).")
   return scale
 
 
 def check(settings: dict) -> None:
-  """UserError (one line) for a negative scale or a scale without a checkpoint, read from
-  ``settings`` (sample.py's flag names) without loading anything."""
+  """UserError (one line) for a negative or non-finite scale or a scale without a
+  checkpoint, read from ``settings`` (sample.py's flag names) without loading anything.
+  A checkpoint with scale 0 is guidance off (a sweep's scale axis passes through 0)."""
   for kind in KINDS:
     if _scale(kind, settings) and not settings.get(kind.checkpoint_flag):
       raise UserError(f"--{kind.scale_flag} needs --{kind.checkpoint_flag}: {kind.hint}.")
@@ -79,6 +81,12 @@ def check_stage(guides: list, stage, source: str) -> None:
   """UserError unless every guide can read the images ``stage`` (the base) samples."""
   shape = stage.kind.sample_shape(stage.spec.output_size, stage.model.config.out_channels)
   for guide in guides:
+    if stage.kind.name != "pixel":  # a CLIP or classifier reads pixels, not latents
+      flag = "--clip_checkpoint" if guide.__class__.__name__ == "ClipGuide" else (
+          "--classifier_checkpoint")
+      raise UserError(f"{flag} with {source}: guidance needs a pixel base stage, and this "
+                      f"one is a {stage.kind.name} stage (its samples are not images "
+                      f"until decoded).")
     if hasattr(guide, "check_image_shape"):
       try:
         guide.check_image_shape(shape)

@@ -12,6 +12,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -233,10 +234,17 @@ def test_guide_builders_refuse_bad_flags_in_one_line(tiny_classifier, tmp_path):
   from builders import UserError
 
   (tmp_path / "clip").mkdir()
+  (tmp_path / "bad").mkdir()  # the right format, a config without its attributes
+  (tmp_path / "bad" / ac_lib.CONFIG_NAME).write_text(json.dumps(
+      {"format": ac_lib.FORMAT, "config": {"resolution": 16}}))
   (tmp_path / "clip" / "config.json").write_text(json.dumps({"model_type": "clip"}))
   for settings, message in (
       ({"classifier_guidance_scale": 2.0}, "needs --classifier_checkpoint"),
       ({"classifier_guidance_scale": -1.0, "classifier_checkpoint": "x"}, "must be >= 0"),
+      ({"classifier_guidance_scale": float("nan"), "classifier_checkpoint": "x"},
+       "must be >= 0 and finite"),
+      ({"classifier_guidance_scale": 2.0, "classifier_checkpoint": str(tmp_path / "bad")},
+       "malformed classifier config"),
       ({"classifier_guidance_scale": 2.0, "classifier_checkpoint": str(tmp_path / "none")},
        "no attribute-classifier directory"),
       ({"classifier_guidance_scale": 2.0, "classifier_checkpoint": str(tmp_path / "clip")},
@@ -246,6 +254,13 @@ def test_guide_builders_refuse_bad_flags_in_one_line(tiny_classifier, tmp_path):
   ac_lib.save(tiny_classifier, tmp_path / "classifier")
   guides = guide_builders.load_guides({"classifier_guidance_scale": 2.0,
                                        "classifier_checkpoint": str(tmp_path / "classifier")})
+  # Guides read pixels: a latent base stage is refused in one line, before compiling.
+  latent = types.SimpleNamespace(
+      kind=types.SimpleNamespace(name="latent", sample_shape=lambda size, c: (4, 4, 4)),
+      spec=types.SimpleNamespace(output_size=16),
+      model=types.SimpleNamespace(config=types.SimpleNamespace(out_channels=3)))
+  with pytest.raises(UserError, match="needs a pixel base stage"):
+    guide_builders.check_stage(guides, latent, "runs/latent")
   with pytest.raises(UserError, match="names 2"):
     guide_builders.check_prompts(guides, ["a red circle", "a red circle and a blue star"])
   assert guide_builders.record({"classifier_guidance_scale": 2.0,

@@ -172,7 +172,11 @@ def load(directory) -> AttributeClassifier:
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_path} is not an attribute classifier's (format "
                      f"{meta.get('format')!r}); {how}.")
-  config = ClassifierConfig.from_json(meta["config"])
+  try:
+    config = ClassifierConfig.from_json(meta["config"])
+  except (KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{meta_path} has a malformed classifier config ({type(e).__name__}: "
+                     f"{e}); {how}.") from None
   size = config.resolution
   abstract = jax.eval_shape(lambda: AttributeNet(config).init(
       jax.random.key(0), jnp.zeros((1, size, size, config.channels)), jnp.zeros((1,))))
