@@ -13,25 +13,18 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # for configs/
 
-import builders  # noqa: E402
-import train  # noqa: E402  (its --config / --workdir flags and their one-line errors)
-from absl import app, logging  # noqa: E402
+import cli  # noqa: E402
+import train  # noqa: E402, F401  (defines its --config / --workdir flags)
+from absl import flags  # noqa: E402
 
-FLAGS = train.FLAGS
+FLAGS = flags.FLAGS
 
 
 def main(argv):
-  del argv
-  if FLAGS.verbosity == 0:
-    logging.set_verbosity(logging.WARNING)
-  builders.setup_compilation_cache()
+  cli.begin(argv)
   import latent_builders
-  try:
-    latent_builders.run_autoencoder_training(FLAGS.config, FLAGS.workdir)
-  except builders.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  latent_builders.run_autoencoder_training(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train.parse_flags)
+  cli.run_main(main)  # bad flags, config values and UserErrors: one line, exit 2

@@ -195,3 +195,13 @@ def test_workdirs_from_before_latent_stages_are_pixel_stages():
       unet_lib.PRESETS["demo_base"])
   assert latent_builders.stage_kind(old) is stage_kinds.PIXEL
   assert latent_builders.spec_defaults(old) == {}
+
+
+def test_train_autoencoder_script_reports_a_bad_flag_in_one_line(tmp_path):
+  """The script's flag handling (it once crashed on a flag parser that had moved)."""
+  r = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "train_autoencoder.py"),
+       "--config=configs/autoencoder_shapes.py:smoke", "--config.train.num_steps=-1",
+       f"--workdir={tmp_path / 'ae'}"], capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 2 and "num_steps" in one_error_line(r), r.stderr[-2000:]
+  assert not (tmp_path / "ae" / "autoencoder").exists()
