@@ -267,7 +267,8 @@ def test_a_micro_conditioned_refiner_gets_the_uncropped_condition():
   stage does (it once ran without it and failed inside jit)."""
   from diffusion_jax import conditioning
 
-  model = type(th.tiny_unet(8))(dataclasses.replace(th.tiny_unet(8).config, micro_cond_dim=4))
+  plain_model = th.tiny_unet(8)
+  model = type(plain_model)(dataclasses.replace(plain_model.config, micro_cond_dim=4))
   inputs = loop_lib.init_inputs(model.config, 8, None, th.TEXT_LEN, th.TEXT_DIM)
   params = nn.unbox(model.init(jax.random.key(0), **inputs)["params"])
   params = jax.tree.map(lambda p: 0.3 * jax.random.normal(jax.random.key(p.size), p.shape),
