@@ -145,6 +145,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (experiments/train_autoencoder.py, configs/autoencoder_shapes.py).
   c.autoencoder = ml_collections.ConfigDict()
   c.autoencoder.directory = config_dict.placeholder(str)
+  # Latent stages, training: host memory (MB) for the latents of images already encoded
+  # (stage_kinds.LatentCache; exact, single-host), so that from the second epoch on the
+  # frozen encoder does not run. 0: encode every batch.
+  c.autoencoder.latent_cache_mb = 2048
   c.autoencoder.block_out_channels = (32, 64, 64)   # f = 2 ** (levels - 1): 4
   c.autoencoder.layers_per_block = 1
   c.autoencoder.latent_channels = 4
@@ -206,7 +210,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.allow_data_restart", "train.recover_from_intact",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
     "optimizer.final_lr_fraction",
-    "model.remat", "model.conv_impl",
+    "model.remat", "model.conv_impl", "autoencoder.latent_cache_mb",
     "data.data_dir", "data.source_dir", "data.prepare", "text.cache_dir",
     "mesh.*", "distributed.*", "eval.*",
 )

@@ -188,9 +188,11 @@ def spec_defaults(config: ml_collections.ConfigDict) -> dict:
   return {"threshold": stage_kinds.LatentKind.default_threshold}
 
 
-def stage_kind(config: ml_collections.ConfigDict, mesh=None, rules=None):
+def stage_kind(config: ml_collections.ConfigDict, mesh=None, rules=None, *,
+               training: bool = False):
   """The stage kind of ``config``: PIXEL, or a LatentKind with its frozen autoencoder
-  loaded (onto ``mesh`` by ``rules`` when given)."""
+  loaded (onto ``mesh`` by ``rules`` when given); for ``training``, with a latent cache of
+  ``config.autoencoder.latent_cache_mb`` (0: none)."""
   import pathlib
 
   from diffusion_jax import stage_kinds
@@ -199,13 +201,20 @@ def stage_kind(config: ml_collections.ConfigDict, mesh=None, rules=None):
   if not directory:
     return stage_kinds.PIXEL
   _autoencoder_config_of(directory)
+  cache = None
+  if training:
+    megabytes = config.autoencoder.get("latent_cache_mb", 0)
+    if not isinstance(megabytes, (int, float)) or isinstance(megabytes, bool) or megabytes < 0:
+      raise ConfigError(f"config.autoencoder.latent_cache_mb={megabytes!r}: use a size in MB "
+                        ">= 0 (0: encode every batch).")
+    cache = stage_kinds.LatentCache(int(megabytes * 2**20)) if megabytes else None
   resolved = str(pathlib.Path(directory).expanduser().resolve())
-  return stage_kinds.LatentKind(load_autoencoder(resolved, mesh, rules), resolved)
+  return stage_kinds.LatentKind(load_autoencoder(resolved, mesh, rules), resolved, cache=cache)
 
 
 def for_training(config: ml_collections.ConfigDict, unet_cfg, loop, mesh, rules):
   """(stage kind, U-Net config, loop settings) of a stage about to train: a latent stage's
   network and loop resolution are the latent's."""
   unet_cfg = stage_unet_config(config, unet_cfg)
-  kind = stage_kind(config, mesh, rules)
+  kind = stage_kind(config, mesh, rules, training=True)
   return kind, unet_cfg, dataclasses.replace(loop, resolution=unet_cfg.resolution)

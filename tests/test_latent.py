@@ -157,6 +157,48 @@ def test_latent_kind_shapes_and_decoding(trained_autoencoder):
   assert stage_kinds.from_json(kind.to_json()).directory == kind.directory
 
 
+def test_latent_cache_returns_what_the_encoder_gave_and_stops_growing_when_full():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (3, 4, 4, 3)).astype(np.float32)
+  latents = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)
+  cache = stage_kinds.LatentCache(max_bytes=2 * latents[0].nbytes)  # room for two of three
+  keys, found = cache.lookup(images)
+  assert found is None and cache.misses == 1
+  cache.store(keys, latents)
+  assert len(cache) == 2 and cache.bytes == 2 * latents[0].nbytes
+  _, found = cache.lookup(images[:2])
+  np.testing.assert_array_equal(found, latents[:2])  # exact, in the batch's order
+  assert cache.lookup(images[[1, 0]])[1][0].tobytes() == latents[1].tobytes()
+  assert cache.lookup(images)[1] is None  # the third never fitted: the batch is a miss
+  changed = images[:1].copy()
+  changed[0, 0, 0, 0] += 1e-3
+  assert cache.lookup(changed)[1] is None  # one changed value is another image
+  with pytest.raises(ValueError, match="positive size"):
+    stage_kinds.LatentCache(0)
+
+
+def test_a_cached_latent_stage_encodes_each_image_once_and_gives_the_same_latents(
+    trained_autoencoder):
+  config = _latent_config(trained_autoencoder[0] / "autoencoder")
+  plain = latent_builders.stage_kind(config)  # sampling: no cache
+  assert plain.cache is None
+  cached = latent_builders.stage_kind(config, training=True)
+  assert cached.cache is not None and cached.cache.max_bytes == 2048 * 2**20
+  images = jax.numpy.asarray(next(th.ShapesIterator(BATCH, RES))["image"])
+  expected = np.asarray(plain.encode_batch({"image": images})["image"])
+  first = cached.encode_batch({"image": images, "text_mask": 1})
+  second = cached.encode_batch({"image": images, "text_mask": 1})
+  assert (cached.cache.misses, cached.cache.hits, len(cached.cache)) == (1, 1, BATCH)
+  np.testing.assert_array_equal(np.asarray(first["image"]), expected)
+  np.testing.assert_array_equal(np.asarray(second["image"]), expected)
+  assert second["text_mask"] == 1 and second["image"].shape == first["image"].shape
+  config.autoencoder.latent_cache_mb = 0
+  assert latent_builders.stage_kind(config, training=True).cache is None
+  config.autoencoder.latent_cache_mb = -1
+  with pytest.raises(builders.UserError, match="latent_cache_mb=-1"):
+    latent_builders.stage_kind(config, training=True)
+
+
 def test_a_vae_directory_without_weights_is_one_line(trained_autoencoder, tmp_path):
   empty = tmp_path / "vae"
   empty.mkdir()
