@@ -229,22 +229,27 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
     return instruct_builders.dataset_name(config)
   if d.dataset != "shapes":
     return real_dataset_name(config) if _is_real_dataset(d.dataset) else d.dataset
-  from diffusion_jax.data import multihost, shapes_tfds
+  from diffusion_jax.data import multihost, shapes, shapes_tfds
 
   render = d.shapes_resolution or d.resolution
   if render < d.resolution:
     raise ConfigError(f"config.data.shapes_resolution={render} is smaller than "
                       f"config.data.resolution={d.resolution}; render at least at the "
                       "training resolution (larger, with crop='random', trains on crops).")
+  single_size = d.get("shapes_single_size")
+  if single_size not in (None, *shapes.SIZES):
+    raise ConfigError(f"config.data.shapes_single_size={single_size!r}: use one of "
+                      f"{', '.join(repr(s) for s in shapes.SIZES)} or None (either size).")
   builder = shapes_tfds.shapes_builder(d.data_dir, render, d.shapes_num_train,
-                                       max_objects=d.shapes_max_objects)
+                                       max_objects=d.shapes_max_objects, single_size=single_size)
   name = f"shapes/{builder.builder_config.name}"
   if d.prepare:
     # Every process calls this, prepared or not: process 0 prepares (if needed) while the
     # others wait, then they find it prepared (diffusion_jax.data.multihost).
     multihost.prepare_once(
         lambda: shapes_tfds.prepare_shapes(d.data_dir, render, d.shapes_num_train,
-                                           max_objects=d.shapes_max_objects, log=print),
+                                           max_objects=d.shapes_max_objects, log=print,
+                                           single_size=single_size),
         key=f"{name}@{d.data_dir}")
   elif not builder.is_prepared():
     raise UserError(f"Dataset {name} is not prepared in {d.data_dir}; run "

@@ -89,6 +89,14 @@ def test_a_trainable_encoder_cannot_use_the_embedding_cache():
     builders.text_encoder(config)
 
 
+def test_a_bad_shapes_single_size_is_one_config_error(tmp_path):
+  config = _configs("demo_base")[0]
+  config.data.data_dir, config.data.shapes_single_size = str(tmp_path), "huge"
+  with pytest.raises(builders.ConfigError, match="shapes_single_size='huge'"):
+    builders.dataset_name(config)
+  assert not list(tmp_path.iterdir())  # refused before anything is prepared
+
+
 @pytest.mark.parametrize("name", sorted(unet_lib.PAPER_PARAMS))
 def test_paper_config_train_state_abstractly(name):
   config = _configs(name)[0]

@@ -138,7 +138,7 @@ def test_render_background_and_colours():
 
 
 def test_parallel_preparation_matches_serial():
-  tasks = [(0, "train", start, start + 3, 16, 3) for start in (0, 3, 6)]
+  tasks = [(0, "train", start, start + 3, 16, 3, None) for start in (0, 3, 6)]
   serial = [shapes.encode_examples(task) for task in tasks]
   assert list(parallel.ordered_map(shapes.encode_examples, tasks, num_workers=2)) == serial
 
@@ -153,6 +153,37 @@ def test_config_names():
   assert (config.resolution, config.num_train, config.max_objects, config.seed) == (64, 500, 1, 7)
   with pytest.raises(ValueError, match="does not match"):
     shapes_tfds.config_from_name("32px")
+  config = shapes_tfds.config_from_name("32px_20k_max1_large")
+  assert (config.max_objects, config.single_size, config.seed) == (1, "large", 0)
+  assert shapes_tfds.config_name(32, 20_000, 1, 0, "large") == "32px_20k_max1_large"
+  assert shapes_tfds.config_from_name("16px_64_small_seed2").single_size == "small"
+  with pytest.raises(ValueError, match="single_size"):
+    shapes_tfds.config_name(32, 20_000, single_size="huge")
+
+
+def test_single_size_fixes_single_objects_only():
+  """single_size sets the size of single-object scenes and nothing else: the same RNG draws,
+  so captions that do not name a size, colours, shapes and other scene kinds are unchanged."""
+  radius = {name: r for name, r in shapes.RADIUS_RANGES.items()}
+  kinds = set()
+  for index in range(200):
+    free, free_caption, _ = shapes.make_example(0, "train", index, 32, max_objects=3)
+    large, large_caption, _ = shapes.make_example(0, "train", index, 32, max_objects=3,
+                                                  single_size="large")
+    kinds.add(free.spec["kind"])
+    assert [(o.color, o.shape) for o in large.objects] == [(o.color, o.shape)
+                                                            for o in free.objects]
+    if free.spec["kind"] != "single":
+      assert large == free and large_caption == free_caption
+      continue
+    (obj,) = large.objects
+    assert obj.size == "large" and radius["large"][0] <= obj.radius <= radius["large"][1]
+    assert large.spec["groups"][0]["size"] in (None, "large")
+    if free.objects[0].size == "large":
+      assert large == free
+  assert kinds == set(shapes.KINDS)
+  with pytest.raises(ValueError, match="single_size"):
+    shapes.sample_scene(np.random.default_rng(0), single_size="tiny")
 
 
 def test_prepared_dataset(shapes_dir):

@@ -194,15 +194,24 @@ def _place(rng, radii: list[float], relation: str | None = None,
 
 
 def sample_scene(rng: np.random.Generator, *, held_out: bool = False, max_objects: int = 3,
-                 scene_weights: dict[str, float] | None = None) -> Scene:
-  """Samples a scene and its spec. `held_out`: the scene contains a held-out pair (else none)."""
+                 scene_weights: dict[str, float] | None = None,
+                 single_size: str | None = None) -> Scene:
+  """Samples a scene and its spec. `held_out`: the scene contains a held-out pair (else none).
+
+  `single_size` ("small" or "large"): single-object scenes all have that size (captions still
+  name it 40% of the time); None draws either. The RNG stream is the same either way.
+  """
   if not 1 <= max_objects <= 3:
     raise ValueError(f"max_objects must be 1, 2 or 3, got {max_objects}")
+  if single_size is not None and single_size not in SIZES:
+    raise ValueError(f"single_size must be one of {SIZES} or None, got {single_size!r}")
   kind = _choose_kind(rng, max_objects, scene_weights or DEFAULT_SCENE_WEIGHTS)
   relation = position = None
   if kind == "single":
     (color, shape), = _sample_pairs(rng, 1, need_held_out=held_out)
     size = SIZES[rng.integers(2)]
+    if single_size is not None:
+      size = single_size
     mention_size = rng.random() < 0.4
     groups = [{"color": color, "shape": shape, "count": 1, "size": size if mention_size else None}]
     if rng.random() < 0.4:
@@ -450,24 +459,26 @@ def render(scene: Scene, resolution: int | tuple[int, int]) -> np.ndarray:
 
 
 def make_example(seed: int, split: str, index: int, resolution: int, *, max_objects: int = 3,
-                 scene_weights: dict[str, float] | None = None) -> tuple[Scene, str, np.ndarray]:
+                 scene_weights: dict[str, float] | None = None,
+                 single_size: str | None = None) -> tuple[Scene, str, np.ndarray]:
   """Example `index` of `split`: (scene, caption, image uint8 [R, R, 3]), deterministic."""
   rng = example_rng(seed, split, index)
   scene = sample_scene(rng, held_out=split == "test_compositional", max_objects=max_objects,
-                       scene_weights=scene_weights)
+                       scene_weights=scene_weights, single_size=single_size)
   return scene, caption_for(scene.spec, rng), render(scene, resolution)
 
 
 def encode_examples(task: tuple) -> list[tuple[int, dict]]:
   """TFDS-ready (key, features) for examples [start, stop) of a split.
 
-  task = (seed, split, start, stop, resolution, max_objects). Images become PNG bytes here
-  (with PIL): handing TFDS a numpy array would make it encode with TensorFlow.
+  task = (seed, split, start, stop, resolution, max_objects, single_size). Images become PNG
+  bytes here (with PIL): handing TFDS a numpy array would make it encode with TensorFlow.
   """
-  seed, split, start, stop, resolution, max_objects = task
+  seed, split, start, stop, resolution, max_objects, single_size = task
   encoded = []
   for index in range(start, stop):
-    scene, caption, image = make_example(seed, split, index, resolution, max_objects=max_objects)
+    scene, caption, image = make_example(seed, split, index, resolution, max_objects=max_objects,
+                                         single_size=single_size)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="png", compress_level=1)
     encoded.append((index, {"image": buffer.getvalue(), "caption": caption,

@@ -29,15 +29,17 @@ import tensorflow_datasets as tfds
 from diffusion_jax.data import parallel, shapes
 
 _NAME_RE = re.compile(r"^(?P<res>\d+)px_(?P<num>\d+)(?P<k>k?)(?:_max(?P<max>[123]))?"
-                      r"(?:_seed(?P<seed>\d+))?$")
+                      r"(?:_(?P<size>small|large))?(?:_seed(?P<seed>\d+))?$")
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class ShapesConfig(tfds.core.BuilderConfig):
-  """resolution: image side in px; num_train: train examples; max_objects: 1..3 per scene."""
+  """resolution: image side in px; num_train: train examples; max_objects: 1..3 per scene;
+  single_size: every single-object scene "small" or "large" (None: either)."""
   resolution: int = 32
   num_train: int = 20_000
   max_objects: int = 3
+  single_size: str | None = None
   seed: int = 0
 
   @property
@@ -46,12 +48,17 @@ class ShapesConfig(tfds.core.BuilderConfig):
     return int(np.clip(self.num_train // 10, 16, 2000))
 
 
-def config_name(resolution: int, num_train: int, max_objects: int = 3, seed: int = 0) -> str:
+def config_name(resolution: int, num_train: int, max_objects: int = 3, seed: int = 0,
+                single_size: str | None = None) -> str:
   """The canonical config name, e.g. config_name(32, 20000) == '32px_20k'."""
+  if single_size is not None and single_size not in shapes.SIZES:
+    raise ValueError(f"single_size must be one of {shapes.SIZES} or None, got {single_size!r}")
   size = f"{num_train // 1000}k" if num_train % 1000 == 0 else str(num_train)
   name = f"{resolution}px_{size}"
   if max_objects != 3:
     name += f"_max{max_objects}"
+  if single_size is not None:
+    name += f"_{single_size}"
   if seed != 0:
     name += f"_seed{seed}"
   return name
@@ -62,18 +69,21 @@ def config_from_name(name: str) -> ShapesConfig:
   match = _NAME_RE.match(name)
   if match is None:
     raise ValueError(f"Shapes config {name!r} does not match "
-                     "'<resolution>px_<num_train>[k][_max<1-3>][_seed<n>]', e.g. '32px_20k'.")
+                     "'<resolution>px_<num_train>[k][_max<1-3>][_small|_large][_seed<n>]', "
+                     "e.g. '32px_20k'.")
   resolution = int(match["res"])
   num_train = int(match["num"]) * (1000 if match["k"] else 1)
   max_objects = int(match["max"] or 3)
   seed = int(match["seed"] or 0)
+  single_size = match["size"]
   if not 8 <= resolution <= 2048 or num_train < 1:
     raise ValueError(f"Shapes config {name!r}: need 8 <= resolution <= 2048 and num_train >= 1.")
   return ShapesConfig(
-      name=config_name(resolution, num_train, max_objects, seed),
+      name=config_name(resolution, num_train, max_objects, seed, single_size),
       description=f"{resolution} px, {num_train} train examples, up to {max_objects} objects, "
-                  f"seed {seed}",
-      resolution=resolution, num_train=num_train, max_objects=max_objects, seed=seed)
+                  f"single objects {single_size or 'small or large'}, seed {seed}",
+      resolution=resolution, num_train=num_train, max_objects=max_objects,
+      single_size=single_size, seed=seed)
 
 
 _PREDEFINED = ("16px_20k", "32px_20k", "32px_20k_max1", "32px_100k", "64px_20k", "64px_100k",
@@ -124,7 +134,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, num_examples: int):
     config = self.builder_config
     chunks = [(config.seed, split, start, min(start + _CHUNK, num_examples), config.resolution,
-               config.max_objects) for start in range(0, num_examples, _CHUNK)]
+               config.max_objects, config.single_size)
+              for start in range(0, num_examples, _CHUNK)]
     # Examples are independent (one RNG stream each), so rendering them in worker processes
     # gives the same bytes as rendering serially.
     workers = min(os.cpu_count() or 1, _MAX_WORKERS)
@@ -140,22 +151,24 @@ _MIN_EXAMPLES_FOR_WORKERS = 2000  # below this, starting workers costs more than
 
 
 def shapes_builder(data_dir: str, resolution: int, num_train: int, seed: int = 0,
-                   max_objects: int = 3) -> Shapes:
+                   max_objects: int = 3, single_size: str | None = None) -> Shapes:
   """The (possibly not yet prepared) builder for these settings."""
-  name = config_name(resolution, num_train, max_objects, seed)
+  name = config_name(resolution, num_train, max_objects, seed, single_size)
   return Shapes(config=name, data_dir=str(data_dir),
                 file_format="array_record")
 
 
 def prepare_shapes(data_dir: str, resolution: int = 32, num_train: int = 20_000, seed: int = 0,
-                   max_objects: int = 3, log: Callable[[str], None] | None = None) -> str:
+                   max_objects: int = 3, log: Callable[[str], None] | None = None,
+                   single_size: str | None = None) -> str:
   """Writes the dataset into `data_dir` unless already there; returns its name 'shapes/<config>'.
 
   Idempotent: a prepared config is left untouched. `log` (e.g. print), if given, gets one line
   before preparing, which then replaces TFDS's progress bars.
   """
-  return prepare_builder(shapes_builder(data_dir, resolution, num_train, seed, max_objects),
-                         "shapes", data_dir, log)
+  return prepare_builder(
+      shapes_builder(data_dir, resolution, num_train, seed, max_objects, single_size),
+      "shapes", data_dir, log)
 
 
 def prepare_builder(builder, dataset: str, data_dir: str,
@@ -181,11 +194,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description="Prepare the procedural shapes TFDS dataset.")
   parser.add_argument("--data_dir", required=True)
   parser.add_argument("--config", default="32px_20k",
-                      help="<resolution>px_<num_train>[k][_max<1-3>][_seed<n>], e.g. 32px_20k")
+                      help="<resolution>px_<num_train>[k][_max<1-3>][_small|_large][_seed<n>], "
+                      "e.g. 32px_20k")
   args = parser.parse_args(argv)
   config = config_from_name(args.config)
   name = prepare_shapes(args.data_dir, config.resolution, config.num_train, config.seed,
-                        config.max_objects)
+                        config.max_objects, single_size=config.single_size)
   print(f"prepared {name} in {args.data_dir}")
 
 
