@@ -268,7 +268,7 @@ def run_arm(arm: Arm, config, done: pathlib.Path, workdir: pathlib.Path,
   settings = settings_record(arm, config, minutes)
   if done.exists():
     stored = json.loads(done.read_text())
-    if stored["settings"] != settings:
+    if _without_unset(stored["settings"]) != _without_unset(settings):
       raise UserError(f"arm {arm.label}: {done} is a finished arm measured with other "
                       f"settings ({_first_difference(stored['settings'], settings)}); use "
                       "another --out or delete that file.")
@@ -311,6 +311,14 @@ def run_arm(arm: Arm, config, done: pathlib.Path, workdir: pathlib.Path,
   tmp.write_text(json.dumps(record, indent=2))
   tmp.replace(done)
   return record
+
+
+def _without_unset(value):
+  """``value`` without its None-valued config fields: a field that was added to the configs
+  later, unset (None, its default), leaves a finished arm's settings as they were."""
+  if isinstance(value, dict):
+    return {k: _without_unset(v) for k, v in value.items() if v is not None}
+  return value
 
 
 def _first_difference(a, b, path="") -> str:

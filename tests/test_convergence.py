@@ -96,6 +96,18 @@ def test_two_arms_table_plot_rerun_and_changed_settings(tmp_path):
   assert done.stat().st_mtime_ns == stamp
 
 
+def test_a_config_field_added_later_unset_leaves_finished_settings_equal():
+  """An arm finished before a config field existed matches a rerun where the field is unset
+  (None); set to anything else, the settings differ."""
+  then = {"spec": "c.py", "config": {"data": {"resolution": 32}, "eval": {"every": 10}}}
+  now = {"spec": "c.py", "config": {"data": {"resolution": 32, "shapes_single_size": None},
+                                    "eval": {"every": 10}}}
+  assert convergence._without_unset(then) == convergence._without_unset(now)
+  now["config"]["data"]["shapes_single_size"] = "large"
+  assert convergence._without_unset(then) != convergence._without_unset(now)
+  assert "shapes_single_size: None then, 'large' now" in convergence._first_difference(then, now)
+
+
 @pytest.mark.slow
 def test_the_minutes_budget_stops_a_real_run_at_an_evaluation(tmp_path):
   _, probe_path = probe_helpers.tiny_probe()

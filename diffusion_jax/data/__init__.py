@@ -1,7 +1,8 @@
 """Datasets and input pipelines.
 
   shapes       procedural scenes, antialiased renderer, caption grammar and parser (numpy + PIL)
-  shapes_tfds  the TFDS builder `shapes/<res>px_<n>[_max<k>][_small|_large][_seed<s>]` and prepare_shapes()
+  shapes_tfds  the TFDS builder `shapes/<res>px_<n>[_max<k>][_small|_large][_seed<s>]`
+               and prepare_shapes()
   real_tfds    TFDS builders of real sets that install offline: fashion_mnist_offline,
                mnist5k, noto_emoji (readers: labelled_sources, emoji)
   pipeline     InputPipeline: any array_record TFDS dataset through tfds.data_source + grain
