@@ -76,8 +76,8 @@ real-results: $(STAMP)
 # trained 800 steps, scored on 200 held-out edit pairs at four (s_I, s_T); Prompt-to-Prompt
 # colour swaps of the base stage against re-prompting with the same noise; textual inversion
 # of a colour the data never names (teal), alone and with positions. Step counts,
-# not minutes, so the tables do not depend on the machine's load. The uniform v-loss, as
-# measured (demo_base trains with min-SNR-5 since).
+# not minutes, so the tables do not depend on the machine's load. The uniform v-loss and objects
+# of either size, as measured (demo_base trains with min-SNR-5 and large objects since).
 EDIT := docs/editing
 edit-results: $(STAMP)
 	@mkdir -p $(EDIT)
@@ -85,7 +85,7 @@ edit-results: $(STAMP)
 	  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) experiments/train.py --config=configs/$$cfg.py \
 	    --workdir=runs/edit_results/$$cfg --config.train.num_steps=600 \
 	    --config.train.time_budget_s=100000 --config.train.preview_every=0 \
-	    --config.diffusion.weighting=uniform || exit 1; done
+	    --config.diffusion.weighting=uniform --config.data.shapes_single_size=any || exit 1; done
 	for m in replace repaint; do \
 	  $(PY) experiments/edit.py inpaint-eval --workdir=runs/edit_results/demo_base --method=$$m \
 	    --num_cases=128 --outdir=$(EDIT)/inpaint_$$m || exit 1; done

@@ -115,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shapes_resolution = config_dict.placeholder(int)
   c.data.shapes_num_train = 20_000   # shapes only: examples to prepare if missing
   c.data.shapes_max_objects = 3
-  # "small" / "large": every single-object scene that size (None: either, the default).
+  # "small" / "large": every single-object scene that size; None (default) or "any": either.
   c.data.shapes_single_size = config_dict.placeholder(str)
   c.data.prepare = True              # shapes only: prepare the dataset if it is missing
   # SDXL's multi-aspect training (shapes only, base stages; README "Aspect buckets"):

@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.data.crop = "random"
   c.data.shapes_num_train = 5_000   # super-resolution needs fewer distinct scenes
   c.data.shapes_max_objects = 1
+  c.data.shapes_single_size = "large"   # the scenes the base stage draws (configs/demo_base.py)
   c.text.cache_dir = "data/text_cache"
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 100

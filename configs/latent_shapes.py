@@ -19,6 +19,7 @@ def get_config(arg=None):
     raise ValueError(f"configs/latent_shapes.py takes no argument or ':smoke', got {arg!r}.")
   # The demo base stage's recipe (and its :smoke sizes), diffusing the autoencoder's latents.
   c = demo_base.get_config(arg)
+  c.data.shapes_single_size = None  # measured (README) with either size; the demo's is large
   # Measured (README) with the uniform v-loss; demo_base's min-SNR-5 is untried here.
   c.diffusion.weighting = "uniform"
   c.autoencoder.directory = "runs/ae_shapes/autoencoder"

@@ -21,6 +21,7 @@ def get_config(arg=None):
     raise ValueError(f"configs/unclip_decoder_shapes.py takes no argument or ':smoke', got "
                      f"{arg!r}.")
   c = demo_base.get_config(arg)
+  c.data.shapes_single_size = None  # measured (README) with either size; the demo's is large
   # Measured (README) with the uniform v-loss; demo_base's min-SNR-5 is untried here.
   c.diffusion.weighting = "uniform"
   c.conditioning.kind = "image_embed"

@@ -237,9 +237,12 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
                       f"config.data.resolution={d.resolution}; render at least at the "
                       "training resolution (larger, with crop='random', trains on crops).")
   single_size = d.get("shapes_single_size")
+  if single_size == "any":  # as None; a command line cannot set a str field to None
+    single_size = None
   if single_size not in (None, *shapes.SIZES):
     raise ConfigError(f"config.data.shapes_single_size={single_size!r}: use one of "
-                      f"{', '.join(repr(s) for s in shapes.SIZES)} or None (either size).")
+                      f"{', '.join(repr(s) for s in shapes.SIZES)}, or 'any' / None for "
+                      "either size.")
   builder = shapes_tfds.shapes_builder(d.data_dir, render, d.shapes_num_train,
                                        max_objects=d.shapes_max_objects, single_size=single_size)
   name = f"shapes/{builder.builder_config.name}"

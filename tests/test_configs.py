@@ -95,6 +95,14 @@ def test_a_bad_shapes_single_size_is_one_config_error(tmp_path):
   with pytest.raises(builders.ConfigError, match="shapes_single_size='huge'"):
     builders.dataset_name(config)
   assert not list(tmp_path.iterdir())  # refused before anything is prepared
+  # The demo's objects are large; "any" (what a command line can say for None) draws either.
+  config.data.prepare = False
+  for value, name in (("large", "32px_20k_max1_large"), ("any", "32px_20k_max1"),
+                      (None, "32px_20k_max1")):
+    config.data.shapes_single_size = value
+    with pytest.raises(builders.UserError, match=f"shapes/{name} is not prepared"):
+      builders.dataset_name(config)
+  assert _configs("demo_base")[0].data.shapes_single_size == "large"
 
 
 @pytest.mark.parametrize("name", sorted(unet_lib.PAPER_PARAMS))

@@ -21,7 +21,11 @@ def get_config():
   c["stage_sets"] = {"cascade": ["base", "sr"], "single": ["base64"]}
   c["equal_compute"] = {"base": 23.0, "sr": 11.3, "base64": 34.3}  # TFLOP per training run
   # Run with the uniform v-loss, demo_base's weighting then (it is min-SNR-5 since).
-  c["fixed"] = {"base.diffusion.weighting": "uniform",
+  # Objects of either size, as measured (the demo's are all large since).
+  c["fixed"] = {"base.data.shapes_single_size": None,
+                "sr.data.shapes_single_size": None,
+                "base64.data.shapes_single_size": None,
+                "base.diffusion.weighting": "uniform",
                 "base64.diffusion.weighting": "uniform",
                 "base64.data.resolution": 64,
                 "base64.diffusion.schedule_kwargs.shifted_cosine.resolution": 64,

@@ -19,7 +19,9 @@ def get_config():
   c["frozen"] = {"clip": {"kind": "clip", "config": "configs/clip_shapes.py:noisy"},
                  "classifier": {"kind": "classifier",
                                 "config": "configs/attribute_classifier_shapes.py"}}
-  c["fixed"] = {"base.train.time_budget_s": None, "base.train.num_steps": 800,
+  # Objects of either size, as measured (the demo's are all large since).
+  c["fixed"] = {"base.data.shapes_single_size": None,
+                "base.train.time_budget_s": None, "base.train.num_steps": 800,
                 "sample.sampler": "dpmpp_2m", "sample.steps": 25,
                 "sample.clip_checkpoint": "@clip",
                 "sample.classifier_checkpoint": "@classifier"}

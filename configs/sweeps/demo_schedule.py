@@ -16,7 +16,9 @@ def get_config():
   c = {}
   c["name"] = "demo_schedule"
   c["stages"] = {"base": "configs/demo_base.py"}
-  c["fixed"] = {"base.train.time_budget_s": None, "base.train.num_steps": 1200,
+  # Objects of either size, as measured (the demo's are all large since).
+  c["fixed"] = {"base.data.shapes_single_size": None,
+                "base.train.time_budget_s": None, "base.train.num_steps": 1200,
                 "base.train.checkpoint_every": 200, "base.train.keep_checkpoints": 10,
                 "sample.guidance_scale": 3.0, "sample.sampler": "dpmpp_2m", "sample.steps": 25}
   c["arms"] = [dict(s, **{"sample.checkpoint_steps": k}) for s in _SCHEDULES

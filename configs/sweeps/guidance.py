@@ -14,7 +14,10 @@ def get_config():
   c["name"] = "guidance"
   c["stages"] = {"base": "configs/demo_base.py", "sr": "configs/demo_sr.py"}
   # Run with the uniform v-loss, demo_base's weighting then (it is min-SNR-5 since).
-  c["fixed"] = {"base.diffusion.weighting": "uniform",
+  # Objects of either size, as measured (the demo's are all large since).
+  c["fixed"] = {"base.data.shapes_single_size": None,
+                "sr.data.shapes_single_size": None,
+                "base.diffusion.weighting": "uniform",
                 "base.train.time_budget_s": None, "base.train.num_steps": 1000,
                 "sr.train.time_budget_s": None, "sr.train.num_steps": 300,
                 "sample.sampler": "dpmpp_2m", "sample.steps": 25}

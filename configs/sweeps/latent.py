@@ -17,7 +17,9 @@ def get_config():
   c["stage_sets"] = {"latent": ["latent"], "pixel": ["pixel"]}
   c["frozen"] = {"ae": {"kind": "autoencoder", "config": "configs/autoencoder_shapes.py"}}
   c["equal_compute"] = {"latent": 34.3, "pixel": 34.3}  # TFLOP per training run
-  c["fixed"] = {"latent.autoencoder.directory": "@ae",
+  # Objects of either size, as measured (the demo's are all large since).
+  c["fixed"] = {"pixel.data.shapes_single_size": None,
+                "latent.autoencoder.directory": "@ae",
                 "pixel.data.resolution": 64,
                 "pixel.diffusion.schedule_kwargs.shifted_cosine.resolution": 64,
                 "sample.sampler": "dpmpp_2m", "sample.steps": 25, "sample.guidance_scale": 3.0}

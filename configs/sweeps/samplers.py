@@ -15,7 +15,9 @@ def get_config():
   c["name"] = "samplers"
   c["stages"] = {"base": "configs/demo_base.py"}
   # Run with the uniform v-loss, demo_base's weighting then (it is min-SNR-5 since).
-  c["fixed"] = {"base.diffusion.weighting": "uniform",
+  # Objects of either size, as measured (the demo's are all large since).
+  c["fixed"] = {"base.data.shapes_single_size": None,
+                "base.diffusion.weighting": "uniform",
                 "base.train.time_budget_s": None, "base.train.num_steps": 800,
                 "sample.guidance_scale": 3.0}
   c["axes"] = {"sample.sampler": ["ddpm", "ddim", "dpmpp_2m", "euler", "heun"],

@@ -13,7 +13,9 @@ def get_config():
   c = {}
   c["name"] = "text_encoder"
   c["stages"] = {"base": "configs/demo_base.py"}
-  c["fixed"] = {"base.train.time_budget_s": None, "base.train.num_steps": 800,
+  # Objects of either size, as measured (the demo's are all large since).
+  c["fixed"] = {"base.data.shapes_single_size": None,
+                "base.train.time_budget_s": None, "base.train.num_steps": 800,
                 "base.data.shapes_max_objects": 2,
                 "sample.guidance_scale": 3.0, "sample.sampler": "dpmpp_2m", "sample.steps": 25}
   c["arms"] = [{"base.text.encoder": "minilm-l6-offline"},

@@ -12,7 +12,9 @@ def get_config():
   c = {}
   c["name"] = "weighting"
   c["stages"] = {"base": "configs/demo_base.py"}
-  c["fixed"] = {"base.train.time_budget_s": None, "base.train.num_steps": 1000,
+  # Objects of either size, as measured (the demo's are all large since).
+  c["fixed"] = {"base.data.shapes_single_size": None,
+                "base.train.time_budget_s": None, "base.train.num_steps": 1000,
                 "base.train.checkpoint_every": 250, "base.train.keep_checkpoints": 10,
                 "sample.guidance_scale": 3.0, "sample.sampler": "dpmpp_2m", "sample.steps": 25}
   c["axes"] = {"base.diffusion.weighting": ["uniform", "min_snr", "edm"],
