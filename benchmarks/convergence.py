@@ -268,9 +268,10 @@ def run_arm(arm: Arm, config, done: pathlib.Path, workdir: pathlib.Path,
   settings = settings_record(arm, config, minutes)
   if done.exists():
     stored = json.loads(done.read_text())
-    if _without_unset(stored["settings"]) != _without_unset(settings):
+    compared = _without_added(stored["settings"], settings, _default_settings())
+    if stored["settings"] != compared:
       raise UserError(f"arm {arm.label}: {done} is a finished arm measured with other "
-                      f"settings ({_first_difference(stored['settings'], settings)}); use "
+                      f"settings ({_first_difference(stored['settings'], compared)}); use "
                       "another --out or delete that file.")
     log(f"[convergence] arm {arm.label}: finished ({done}), not rerun.")
     return stored
@@ -313,12 +314,33 @@ def run_arm(arm: Arm, config, done: pathlib.Path, workdir: pathlib.Path,
   return record
 
 
-def _without_unset(value):
-  """``value`` without its None-valued config fields: a field that was added to the configs
-  later, unset (None, its default), leaves a finished arm's settings as they were."""
-  if isinstance(value, dict):
-    return {k: _without_unset(v) for k, v in value.items() if v is not None}
-  return value
+def _default_settings() -> dict:
+  """The settings record's config part for the configs' defaults (configs/common.py)."""
+  from configs import common
+
+  config = json.loads(json.dumps(common.get_config().to_dict(), default=str))
+  for section, field in _WHERE_FILES_LIVE:
+    config.get(section, {}).pop(field, None)
+  return {"config": config}
+
+
+def _without_added(stored, now, default):
+  """``now`` without the fields ``stored`` lacks that are unset (None) or at their default:
+  a config field added after an arm finished, left so, keeps that arm's behaviour (the
+  codebase's rule for new fields), so the arm need not be rerun."""
+  if not isinstance(stored, dict) or not isinstance(now, dict):
+    return now
+  default = default if isinstance(default, dict) else {}
+  out = {}
+  for key, value in now.items():
+    if key in stored:
+      out[key] = _without_added(stored[key], value, default.get(key))
+    elif isinstance(value, dict):  # a section added since: only its changed fields count
+      if changed := _without_added({}, value, default.get(key)):
+        out[key] = changed
+    elif not (value is None or value == default.get(key)):
+      out[key] = value
+  return out
 
 
 def _first_difference(a, b, path="") -> str:

@@ -96,16 +96,27 @@ def test_two_arms_table_plot_rerun_and_changed_settings(tmp_path):
   assert done.stat().st_mtime_ns == stamp
 
 
-def test_a_config_field_added_later_unset_leaves_finished_settings_equal():
+def test_a_config_field_added_later_at_its_default_leaves_finished_settings_equal():
   """An arm finished before a config field existed matches a rerun where the field is unset
-  (None); set to anything else, the settings differ."""
+  (None) or at the configs' default; set to anything else, the settings differ."""
   then = {"spec": "c.py", "config": {"data": {"resolution": 32}, "eval": {"every": 10}}}
   now = {"spec": "c.py", "config": {"data": {"resolution": 32, "shapes_single_size": None},
+                                    "autoencoder": {"latent_cache_mb": 2048},
                                     "eval": {"every": 10}}}
-  assert convergence._without_unset(then) == convergence._without_unset(now)
+  default = convergence._default_settings()
+  assert default["config"]["autoencoder"]["latent_cache_mb"] == 2048
+  assert convergence._without_added(then, now, default) == then
   now["config"]["data"]["shapes_single_size"] = "large"
-  assert convergence._without_unset(then) != convergence._without_unset(now)
-  assert "shapes_single_size: None then, 'large' now" in convergence._first_difference(then, now)
+  now["config"]["autoencoder"]["latent_cache_mb"] = 0
+  compared = convergence._without_added(then, now, default)
+  assert compared != then
+  assert compared["config"]["autoencoder"] == {"latent_cache_mb": 0}
+  assert compared["config"]["data"]["shapes_single_size"] == "large"
+  assert convergence._first_difference(then, compared) == (
+      "config.autoencoder: None then, {'latent_cache_mb': 0} now")
+  # A field the stored arm had is always compared, whatever its value now.
+  then["config"]["data"]["resolution"] = 16
+  assert convergence._without_added(then, now, default)["config"]["data"]["resolution"] == 32
 
 
 @pytest.mark.slow
