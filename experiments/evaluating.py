@@ -40,34 +40,38 @@ def _check(categories, images_per_prompt, fd_images, batch_size):
     raise UserError(f"--batch_size={batch_size}; it must be >= 1.")
 
 
-def _max_objects(workdirs) -> int:
-  """Objects per scene of the base stage's training data (3 if unknown)."""
+def _scene_settings(workdirs) -> tuple[int, str | None]:
+  """Objects per scene (3 if unknown) and single-object size (None: either) of the base
+  stage's training data, so FD-probe's real images are drawn as it was trained."""
   if not workdirs:
-    return 3
+    return 3, None
   config = sampling.load_workdir_config(workdirs[0])
-  return int(config.data.get("shapes_max_objects", 3))
+  single_size = config.data.get("shapes_single_size")
+  return (int(config.data.get("shapes_max_objects", 3)),
+          None if single_size in (None, "any") else single_size)
 
 
-def fd_captions(num: int, max_objects: int) -> list[str]:
+def fd_captions(num: int, max_objects: int, single_size: str | None = None) -> list[str]:
   """The validation captions FD-probe samples (``fd_probe``; rendered at 8 px: cheap)."""
   from diffusion_jax.data import shapes
 
-  return [shapes.make_example(0, "validation", i, 8, max_objects=max_objects)[1]
-          for i in range(num)]
+  return [shapes.make_example(0, "validation", i, 8, max_objects=max_objects,
+                              single_size=single_size)[1] for i in range(num)]
 
 
 def fd_probe(features, sample_fn, num: int, resolution: int, max_objects: int,
-             batch_size: int, fid_features=None) -> dict:
+             batch_size: int, fid_features=None, single_size: str | None = None) -> dict:
   """Frechet distance of ``features`` (images [B, H, W, 3] uint8 -> [B, D]; FD-probe with
   the probe's) between ``num`` images generated from validation captions and the same
   validation scenes rendered at ``resolution``, and the floor: those real images against
   ``num`` other real validation images. ``fid_features``, if given (Inception-v3's), gives
-  the same two distances on the same images under ``"fid"``."""
+  the same two distances on the same images under ``"fid"``. ``single_size``: the size of
+  single objects in the stage's training data (``config.data.shapes_single_size``)."""
   from diffusion_jax.data import shapes
   from diffusion_jax.evaluation import frechet
 
-  examples = [shapes.make_example(0, "validation", i, resolution, max_objects=max_objects)
-              for i in range(2 * num)]
+  examples = [shapes.make_example(0, "validation", i, resolution, max_objects=max_objects,
+                                  single_size=single_size) for i in range(2 * num)]
   captions = [caption for _, caption, _ in examples[:num]]
   real = np.stack([image for _, _, image in examples[:num]])
   other = np.stack([image for _, _, image in examples[num:]])
@@ -158,11 +162,11 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   clip = load_clip_scorer(clip_score_model) if clip_score_model else None
   cascade, described, text_meta = sampling.prepare_cascade(workdirs=workdirs, stages=stages,
                                                            **sampler_kwargs)
-  max_objects = _max_objects(list(workdirs or []))
+  max_objects, single_size = _scene_settings(list(workdirs or []))
   # Every prompt to be sampled, so a guide refuses one it cannot read before compiling.
   guide_builders.check_prompts(cascade.guides, [p.text for p in shapes_eval.suite(categories)],
                                " Choose those with --categories.")
-  guide_builders.check_prompts(cascade.guides, fd_captions(fd_images, max_objects),
+  guide_builders.check_prompts(cascade.guides, fd_captions(fd_images, max_objects, single_size),
                                f" (an FD-probe caption of {max_objects}-object scenes: "
                                "--fd_images=0, or a stage trained on 1-object scenes)")
   if probe is None and probe_path:
@@ -191,7 +195,7 @@ def run_evaluation(*, outdir, workdirs=(), stages=(), categories=None, images_pe
   if fd_images:
     log(f"[eval] FD-probe: {fd_images} images from validation captions ...")
     fd = fd_probe(features or probe.features, sample_fn, fd_images, resolution, max_objects,
-                  batch_size, fid_features=fid_net and fid_net.features)
+                  batch_size, fid_features=fid_net and fid_net.features, single_size=single_size)
   fid = fd.pop("fid") if fd and fid_net else None
   if fid:
     fid.update(weights=str(fid_weights), input_size=fid_net.settings.input_size,

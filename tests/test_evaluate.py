@@ -205,6 +205,29 @@ def test_clip_score_of_is_the_clip_score_with_an_interval(tmp_path):
   assert result["num_images"] == 6
 
 
+def test_fd_probe_draws_its_real_images_as_the_stage_was_trained():
+  """With single_size, FD-probe's real validation scenes have the stage's object size: a
+  'sampler' returning exactly those scenes is at distance ~0 from them, not from mixed sizes."""
+  from diffusion_jax.data import shapes
+
+  def features(images):
+    return np.asarray(images, np.float32).reshape(len(images), 16, 2, 16, 2, 3).mean(
+        (2, 4, 5)).reshape(len(images), -1)[:, ::8]
+
+  def large_scenes(prompts, first_index):
+    first = first_index - evaluating.FD_INDEX_OFFSET
+    return np.stack([shapes.make_example(0, "validation", first + i, 32, max_objects=1,
+                                         single_size="large")[2] for i in range(len(prompts))])
+
+  same = evaluating.fd_probe(features, large_scenes, 24, 32, 1, batch_size=8,
+                             single_size="large")
+  mixed = evaluating.fd_probe(features, large_scenes, 24, 32, 1, batch_size=8)
+  assert same["generated_vs_real"] < 1e-3 * mixed["generated_vs_real"]
+  captions = evaluating.fd_captions(24, 1, "large")
+  assert captions == [shapes.make_example(0, "validation", i, 8, max_objects=1,
+                                          single_size="large")[1] for i in range(24)]
+
+
 def test_frechet_feature_extractor_is_a_parameter():
   # Any images -> [B, D] function: here a fixed random projection of 4x4-pooled pixels.
   projection = np.random.default_rng(0).normal(size=(48, 12))
