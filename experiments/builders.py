@@ -220,6 +220,21 @@ def text_encoder(config: ml_collections.ConfigDict, mesh=None):
   return CachedTextEncoder(encoder, text_lib.EmbeddingCache(cache_dir, encoder))
 
 
+def shapes_single_size(config: ml_collections.ConfigDict) -> str | None:
+  """``config.data.shapes_single_size`` checked: "small", "large", or None for either size
+  ("any" also means None: a command line cannot set a str field to None)."""
+  from diffusion_jax.data import shapes
+
+  single_size = config.data.get("shapes_single_size")
+  if single_size in (None, "any"):
+    return None
+  if single_size not in shapes.SIZES:
+    raise ConfigError(f"config.data.shapes_single_size={single_size!r}: use one of "
+                      f"{', '.join(repr(s) for s in shapes.SIZES)}, or 'any' / None for "
+                      "either size.")
+  return single_size
+
+
 def dataset_name(config: ml_collections.ConfigDict) -> str:
   """The TFDS name to read; for the built-in shapes dataset, prepared first if missing."""
   d = config.data
@@ -229,20 +244,14 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
     return instruct_builders.dataset_name(config)
   if d.dataset != "shapes":
     return real_dataset_name(config) if _is_real_dataset(d.dataset) else d.dataset
-  from diffusion_jax.data import multihost, shapes, shapes_tfds
+  from diffusion_jax.data import multihost, shapes_tfds
 
   render = d.shapes_resolution or d.resolution
   if render < d.resolution:
     raise ConfigError(f"config.data.shapes_resolution={render} is smaller than "
                       f"config.data.resolution={d.resolution}; render at least at the "
                       "training resolution (larger, with crop='random', trains on crops).")
-  single_size = d.get("shapes_single_size")
-  if single_size == "any":  # as None; a command line cannot set a str field to None
-    single_size = None
-  if single_size not in (None, *shapes.SIZES):
-    raise ConfigError(f"config.data.shapes_single_size={single_size!r}: use one of "
-                      f"{', '.join(repr(s) for s in shapes.SIZES)}, or 'any' / None for "
-                      "either size.")
+  single_size = shapes_single_size(config)
   builder = shapes_tfds.shapes_builder(d.data_dir, render, d.shapes_num_train,
                                        max_objects=d.shapes_max_objects, single_size=single_size)
   name = f"shapes/{builder.builder_config.name}"

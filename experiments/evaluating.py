@@ -15,6 +15,7 @@ import json
 import pathlib
 import time
 
+import builders
 import guide_builders
 import numpy as np
 import sampling
@@ -46,9 +47,7 @@ def _scene_settings(workdirs) -> tuple[int, str | None]:
   if not workdirs:
     return 3, None
   config = sampling.load_workdir_config(workdirs[0])
-  single_size = config.data.get("shapes_single_size")
-  return (int(config.data.get("shapes_max_objects", 3)),
-          None if single_size in (None, "any") else single_size)
+  return int(config.data.get("shapes_max_objects", 3)), builders.shapes_single_size(config)
 
 
 def fd_captions(num: int, max_objects: int, single_size: str | None = None) -> list[str]:

@@ -164,7 +164,7 @@ def test_config_names():
 def test_single_size_fixes_single_objects_only():
   """single_size sets the size of single-object scenes and nothing else: the same RNG draws,
   so captions that do not name a size, colours, shapes and other scene kinds are unchanged."""
-  radius = {name: r for name, r in shapes.RADIUS_RANGES.items()}
+  low, high = shapes.RADIUS_RANGES["large"]
   kinds = set()
   for index in range(200):
     free, free_caption, _ = shapes.make_example(0, "train", index, 32, max_objects=3)
@@ -177,7 +177,7 @@ def test_single_size_fixes_single_objects_only():
       assert large == free and large_caption == free_caption
       continue
     (obj,) = large.objects
-    assert obj.size == "large" and radius["large"][0] <= obj.radius <= radius["large"][1]
+    assert obj.size == "large" and low <= obj.radius <= high
     assert large.spec["groups"][0]["size"] in (None, "large")
     if free.objects[0].size == "large":
       assert large == free
